@@ -1,0 +1,1 @@
+"""Configuration building blocks: the default schema and named presets (no side effects)."""

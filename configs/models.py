@@ -1,0 +1,56 @@
+"""Named model presets: each returns ConfigDict(model=<registry name>, kwargs=...)."""
+
+import ml_collections
+
+
+def _preset(model: str, **kwargs) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({'model': model, 'kwargs': kwargs})
+
+
+def bert_small() -> ml_collections.ConfigDict:
+  """A 2-layer BERT trained from scratch: the teacher that fits a 2-core CPU budget."""
+  return _preset(
+    'bert',
+    hidden_size=256,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=1024,
+    max_len=64,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+  )
+
+
+def bert_tiny() -> ml_collections.ConfigDict:
+  return _preset(
+    'bert',
+    hidden_size=64,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=128,
+    max_len=64,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.0,
+  )
+
+
+def bilstm_small() -> ml_collections.ConfigDict:
+  """Tang et al. (2019)-style BiLSTM student, narrowed to CPU scale."""
+  return _preset(
+    'bilstm', embed_dim=128, hidden_size=128, num_layers=1, mlp_dim=128, dropout_rate=0.1
+  )
+
+
+def cnn_small() -> ml_collections.ConfigDict:
+  """Kim (2014) CNN student."""
+  return _preset(
+    'cnn', embed_dim=128, num_filters=100, kernel_sizes=(3, 4, 5), mlp_dim=128, dropout_rate=0.1
+  )
+
+
+PRESETS = {
+  'bert_small': bert_small,
+  'bert_tiny': bert_tiny,
+  'bilstm_small': bilstm_small,
+  'cnn_small': cnn_small,
+}

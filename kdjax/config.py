@@ -1,0 +1,143 @@
+"""Validation of a run config: every bad value is reported before anything is compiled."""
+
+import pathlib
+from typing import Mapping
+
+from kdjax import optim
+
+STAGES = ('teacher', 'student_alone', 'online', 'distill')
+EVAL_SPLITS = ('train', 'validation')  # the GLUE test split has no labels
+
+
+class ConfigError(ValueError):
+  """A config key holds a value kdjax cannot run with; the message names key and fix."""
+
+
+def _require(ok: bool, key: str, value, valid: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{key}={value!r} is invalid: {valid}')
+
+
+def teacher_export_dir(path: str) -> pathlib.Path:
+  """`teacher.path` may name an export folder or the workdir of a run that trained one."""
+  p = pathlib.Path(path).expanduser()
+  return p if (p / 'model.json').is_file() else p / 'teacher' / 'export' / 'teacher'
+
+
+def _validate_model(config, role: str) -> None:
+  from kdjax.models import registry  # the model zoo is only needed to check names/fields
+
+  spec = config[role]
+  try:
+    registry.build_model(spec.model, vocab_size=8, num_classes=2, **spec.kwargs.to_dict())
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.{role}: {e}') from None
+
+
+def _validate_optimizer(cfg: Mapping, key: str) -> None:
+  _require(
+    cfg['name'] in optim.OPTIMIZERS,
+    f'{key}.name',
+    cfg['name'],
+    f'one of {", ".join(optim.OPTIMIZERS)}',
+  )
+  _require(
+    cfg['schedule'] in optim.SCHEDULES,
+    f'{key}.schedule',
+    cfg['schedule'],
+    f'one of {", ".join(optim.SCHEDULES)}',
+  )
+  _require(cfg['learning_rate'] > 0, f'{key}.learning_rate', cfg['learning_rate'], 'must be > 0')
+  _require(cfg['warmup_steps'] >= 0, f'{key}.warmup_steps', cfg['warmup_steps'], 'must be >= 0')
+  _require(cfg['weight_decay'] >= 0, f'{key}.weight_decay', cfg['weight_decay'], 'must be >= 0')
+  _require(
+    cfg['grad_clip_norm'] >= 0,
+    f'{key}.grad_clip_norm',
+    cfg['grad_clip_norm'],
+    'must be >= 0 (0 disables clipping)',
+  )
+
+
+def validate(config) -> None:
+  stages = tuple(config.stages)
+  _require(
+    len(stages) > 0 and all(s in STAGES for s in stages),
+    'stages',
+    stages,
+    f'a non-empty tuple drawn from {", ".join(STAGES)}',
+  )
+  _require(len(set(stages)) == len(stages), 'stages', stages, 'each stage at most once')
+  if 'distill' in stages and config.teacher.path:
+    export = teacher_export_dir(config.teacher.path)
+    _require(
+      (export / 'model.json').is_file(),
+      'teacher.path',
+      config.teacher.path,
+      f'no trained teacher found (looked for {export}/model.json)',
+    )
+  elif 'distill' in stages:
+    _require(
+      'teacher' in stages and stages.index('teacher') < stages.index('distill'),
+      'stages',
+      stages,
+      "'distill' needs a teacher: run 'teacher' before it or set config.teacher.path",
+    )
+
+  d = config.data
+  _require(bool(d.name), 'data.name', d.name, "'sst2_local' or a prepared tfds dataset name")
+  _require(
+    d.eval_split in EVAL_SPLITS,
+    'data.eval_split',
+    d.eval_split,
+    f'one of {", ".join(EVAL_SPLITS)} (test has no labels)',
+  )
+  _require(d.max_len >= 2, 'data.max_len', d.max_len, 'must be >= 2 ([CLS] plus a word)')
+  buckets = tuple(d.buckets)
+  _require(
+    len(buckets) > 0
+    and all(b > 0 for b in buckets)
+    and all(a < b for a, b in zip(buckets, buckets[1:]))
+    and buckets[-1] == d.max_len,
+    'data.buckets',
+    buckets,
+    f'strictly increasing positive lengths ending at data.max_len={d.max_len}',
+  )
+  _require(d.vocab_size >= 5, 'data.vocab_size', d.vocab_size, 'must be >= 5')
+  _require(d.vocab_min_count >= 1, 'data.vocab_min_count', d.vocab_min_count, 'must be >= 1')
+  _require(d.train_limit >= 0, 'data.train_limit', d.train_limit, 'must be >= 0 (0 = all)')
+  _require(d.bucket_window >= 1, 'data.bucket_window', d.bucket_window, 'must be >= 1')
+
+  for role in ('teacher', 'student'):
+    _validate_model(config, role)
+  for key in ('teacher_optim', 'student_optim'):
+    _validate_optimizer(config[key], key)
+
+  loss = config.loss
+  _require(loss.temperature > 0, 'loss.temperature', loss.temperature, 'must be > 0')
+  for name in ('hard_weight', 'kd_weight', 'logit_mse_weight', 'online_teacher_kd_weight'):
+    _require(loss[name] >= 0, f'loss.{name}', loss[name], 'must be >= 0')
+  _require(
+    loss.hard_weight + loss.kd_weight + loss.logit_mse_weight > 0,
+    'loss.kd_weight',
+    loss.kd_weight,
+    'hard_weight, kd_weight and logit_mse_weight cannot all be 0',
+  )
+
+  t = config.train
+  for name in (
+    'batch_size',
+    'teacher_steps',
+    'student_steps',
+    'log_every',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'eval_batch_size',
+  ):
+    _require(t[name] >= 1, f'train.{name}', t[name], 'must be >= 1')
+  _require(t.eval_every >= 0, 'train.eval_every', t.eval_every, 'must be >= 0 (0 = at the end)')
+  _require(
+    t.checkpoint_every % t.log_every == 0,
+    'train.checkpoint_every',
+    t.checkpoint_every,
+    f'must be a multiple of train.log_every={t.log_every}',
+  )

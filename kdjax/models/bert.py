@@ -1,0 +1,184 @@
+"""Post-LN BERT (Hugging Face layout) as an encoder and as a sequence classifier.
+
+Parameter paths mirror HF `BertModel` one-to-one so a checkpoint loader only has to
+rename and transpose:
+  embeddings/{word_embeddings,position_embeddings,token_type_embeddings,layer_norm}
+  layer_{i}/attention/{query,key,value,output}, layer_{i}/attention_layer_norm,
+  layer_{i}/intermediate, layer_{i}/output, layer_{i}/output_layer_norm,
+  pooler, classifier
+`layer_{i}` is 0-based like HF; its output is `hidden_{i+1}` and its attention `attn_{i+1}`.
+"""
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Array = Any
+# Added to the scores of padded keys; exp() of it underflows to exactly 0 in float32.
+MASK_BIAS = -1e9
+_init = nn.initializers.normal(stddev=0.02)  # HF BERT `initializer_range`
+
+
+def attention_bias(attention_mask: Array) -> Array:
+  """[B, L] 0/1 mask -> [B, 1, 1, L] float32 additive bias over keys."""
+  keep = attention_mask[:, None, None, :] > 0
+  return jnp.where(keep, 0.0, MASK_BIAS).astype(jnp.float32)
+
+
+class BertEmbeddings(nn.Module):
+  vocab_size: int
+  hidden_size: int
+  max_len: int
+  type_vocab_size: int
+  dropout_rate: float
+  layer_norm_eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids, deterministic: bool):
+    seq_len = input_ids.shape[1]
+    if seq_len > self.max_len:
+      raise ValueError(f'sequence length {seq_len} exceeds max_len={self.max_len}')
+    embed = lambda n, name: nn.Embed(
+      n, self.hidden_size, embedding_init=_init, dtype=self.dtype, name=name
+    )
+    words = embed(self.vocab_size, 'word_embeddings')(input_ids)
+    # [1, L, D]: keeps ranks equal so it adds under jax_numpy_rank_promotion='raise'.
+    positions = embed(self.max_len, 'position_embeddings')(jnp.arange(seq_len)[None, :])
+    types = embed(self.type_vocab_size, 'token_type_embeddings')(token_type_ids)
+    x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name='layer_norm')(
+      words + positions + types
+    )
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+  """Multi-head attention written out so the probabilities can be returned."""
+
+  hidden_size: int
+  num_heads: int
+  attention_dropout_rate: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array]:
+    batch, seq_len, _ = x.shape
+    head_dim = self.hidden_size // self.num_heads
+    dense = lambda name: nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name=name)
+    split = lambda t: t.reshape(batch, seq_len, self.num_heads, head_dim)
+    q, k, v = (split(dense(n)(x)) for n in ('query', 'key', 'value'))
+    # Scores and softmax in float32 so bf16 runs keep masked keys at exactly 0.
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
+    probs = nn.softmax(scores / math.sqrt(head_dim) + bias, axis=-1)
+    dropped = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=deterministic)
+    context = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
+    context = context.reshape(batch, seq_len, self.hidden_size)
+    return dense('output')(context), probs
+
+
+class BertLayer(nn.Module):
+  hidden_size: int
+  num_heads: int
+  intermediate_size: int
+  dropout_rate: float
+  attention_dropout_rate: float
+  layer_norm_eps: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array]:
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    dropout = lambda t: nn.Dropout(self.dropout_rate)(t, deterministic=deterministic)
+    attended, probs = BertSelfAttention(
+      self.hidden_size, self.num_heads, self.attention_dropout_rate, self.dtype, name='attention'
+    )(x, bias, deterministic)
+    x = norm('attention_layer_norm')(x + dropout(attended))
+    h = nn.Dense(self.intermediate_size, kernel_init=_init, dtype=self.dtype, name='intermediate')(
+      x
+    )
+    h = nn.gelu(h, approximate=False)  # HF 'gelu' is the exact erf form
+    h = nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name='output')(h)
+    return norm('output_layer_norm')(x + dropout(h)), probs
+
+
+class _BertBase(nn.Module):
+  """Shared fields and encoder body; subclasses build it inside their own scope so
+  the classifier's parameters stay flat (no extra `encoder/` level for the loader)."""
+
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  max_len: int = 512
+  type_vocab_size: int = 2
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  layer_norm_eps: float = 1e-12
+  dtype: Any = jnp.float32
+
+  @nn.nowrap
+  def _encode(
+    self, input_ids, attention_mask, token_type_ids: Optional[Array], deterministic: bool
+  ) -> Tuple[Array, Dict[str, Array]]:
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+        f'hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}'
+      )
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = BertEmbeddings(
+      self.vocab_size,
+      self.hidden_size,
+      self.max_len,
+      self.type_vocab_size,
+      self.dropout_rate,
+      self.layer_norm_eps,
+      self.dtype,
+      name='embeddings',
+    )(input_ids, token_type_ids, deterministic)
+    out = {'embeddings': x, 'hidden_0': x}
+    bias = attention_bias(attention_mask)
+    for i in range(self.num_layers):
+      x, probs = BertLayer(
+        self.hidden_size,
+        self.num_heads,
+        self.intermediate_size,
+        self.dropout_rate,
+        self.attention_dropout_rate,
+        self.layer_norm_eps,
+        self.dtype,
+        name=f'layer_{i}',
+      )(x, bias, deterministic)
+      out[f'hidden_{i + 1}'] = x
+      out[f'attn_{i + 1}'] = probs
+    return x, out
+
+
+class BertEncoder(_BertBase):
+  """Embeddings + layers, no pooler: returns (sequence_output [B, L, D], out)."""
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    return self._encode(input_ids, attention_mask, token_type_ids, deterministic)
+
+
+class BertClassifier(_BertBase):
+  """BERT + tanh pooler on [CLS] + linear classifier: returns (logits [B, C], out)."""
+
+  num_classes: int = 2
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
+    x, out = self._encode(input_ids, attention_mask, token_type_ids, deterministic)
+    pooled = jnp.tanh(
+      nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name='pooler')(x[:, 0])
+    )
+    out['pooled'] = pooled
+    pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
+    logits = nn.Dense(self.num_classes, kernel_init=_init, dtype=self.dtype, name='classifier')(
+      pooled
+    )
+    return logits, out

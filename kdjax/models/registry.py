@@ -1,0 +1,69 @@
+"""Model lookup by name, construction with validated keywords, and size helpers."""
+
+import dataclasses
+from typing import Any, Dict, Type
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdjax.models.bert import BertClassifier
+from kdjax.models.bilstm import BiLSTMClassifier
+from kdjax.models.cnn import CNNClassifier
+
+MODELS: Dict[str, Type[nn.Module]] = {
+  'bert': BertClassifier,
+  'bilstm': BiLSTMClassifier,
+  'cnn': CNNClassifier,
+}
+# Every nn.Module dataclass carries these; they are not model hyperparameters.
+_MODULE_FIELDS = ('parent', 'name')
+
+
+def _fields(cls: Type[nn.Module]) -> Dict[str, dataclasses.Field]:
+  return {f.name: f for f in dataclasses.fields(cls) if f.init and f.name not in _MODULE_FIELDS}
+
+
+def build_model(name: str, vocab_size: int, num_classes: int, **kwargs) -> nn.Module:
+  """MODELS[name](vocab_size=..., num_classes=..., **kwargs) with one-line errors."""
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; valid names: {sorted(MODELS)}')
+  cls = MODELS[name]
+  fields = _fields(cls)
+  unknown = sorted(set(kwargs) - set(fields))
+  if unknown:
+    raise ValueError(
+      f'unknown argument(s) {unknown} for model {name!r}; valid fields: {sorted(fields)}'
+    )
+  kwargs = dict(kwargs, vocab_size=vocab_size, num_classes=num_classes)
+  missing = sorted(
+    n
+    for n, f in fields.items()
+    if n not in kwargs
+    and f.default is dataclasses.MISSING
+    and f.default_factory is dataclasses.MISSING
+  )
+  if missing:
+    raise ValueError(f'model {name!r} needs argument(s) {missing}')
+  # Configs may hand over lists; module fields should be hashable tuples.
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  return cls(**kwargs)
+
+
+def init_params(model: nn.Module, rng: jax.Array, batch_size: int = 2, seq_len: int = 16) -> Any:
+  """Parameters from dummy all-real int32 inputs (deterministic, so no dropout rng)."""
+  input_ids = jnp.full((batch_size, seq_len), 2, dtype=jnp.int32)  # [CLS] id
+  attention_mask = jnp.ones((batch_size, seq_len), dtype=jnp.int32)
+  # jit: tracing once is far cheaper than dispatching every init op eagerly.
+  init = jax.jit(
+    lambda key, ids, mask: model.init({'params': key}, ids, mask, deterministic=True)['params']
+  )
+  return init(rng, input_ids, attention_mask)
+
+
+def count_params(params: Any) -> int:
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
+
+
+def param_bytes(params: Any) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params)))

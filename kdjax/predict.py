@@ -1,0 +1,121 @@
+"""`python -m kdjax.predict --workdir=DIR --input=FILE [--output=FILE] [--model=stage/role]`.
+
+Reads one sentence per line, or a TSV whose header has a `sentence` column, and writes a TSV
+of `label`, `prob_<class>`… and the sentence, using the run's final student (or --model).
+"""
+
+import csv
+import json
+import pathlib
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from kdjax import checkpoint, evaluate, train
+from kdjax import step as step_lib
+from kdjax.data import pipeline
+from kdjax.data.errors import DataError
+from kdjax.data.vocab import WordVocab
+from kdjax.models import registry
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Finished run directory.')
+_INPUT = flags.DEFINE_string(
+  'input', None, 'Text file (a sentence per line) or TSV with a `sentence` column.'
+)
+_OUTPUT = flags.DEFINE_string('output', '-', 'Output TSV path; - for stdout.')
+_MODEL = flags.DEFINE_string(
+  'model',
+  '',
+  'Export inside the workdir, e.g. teacher/export/teacher; default: results.json final_student.',
+)
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Sentences per forward pass.')
+flags.mark_flags_as_required(['workdir', 'input'])
+
+
+def read_sentences(path: str) -> list[str]:
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise DataError(f'{path}: input file not found')
+  try:
+    lines = p.read_text(encoding='utf-8').splitlines()
+  except UnicodeDecodeError as e:
+    raise DataError(f'{path}: not UTF-8 text ({e.reason} at byte {e.start})') from None
+  header = lines[0].split('\t') if lines else []
+  if 'sentence' in header:
+    column = header.index('sentence')
+    rows = list(csv.reader(lines[1:], delimiter='\t', quoting=csv.QUOTE_NONE))
+    for number, row in enumerate(rows, start=2):
+      if len(row) != len(header):
+        raise DataError(f'{path}:{number}: {len(row)} fields, the header has {len(header)}')
+    return [row[column].strip() for row in rows]
+  return [line.strip() for line in lines]
+
+
+def load_model(workdir: pathlib.Path, model_path: str):
+  if not model_path:
+    results = workdir / 'results.json'
+    if not results.is_file():
+      raise checkpoint.CheckpointError(
+        f'{results} not found: the run has not finished; '
+        'pass --model=<stage>/export/<role> to use a stage export'
+      )
+    model_path = json.loads(results.read_text())['final_student']
+  export_dir = workdir / model_path
+  spec = (
+    json.loads((export_dir / 'model.json').read_text())
+    if (export_dir / 'model.json').is_file()
+    else None
+  )
+  if spec is None:
+    raise checkpoint.CheckpointError(f'no exported model at {export_dir}')
+  model = train.build(spec)
+  abstract = jax.eval_shape(lambda: registry.init_params(model, jax.random.PRNGKey(0)))
+  params, _ = checkpoint.load_export(export_dir, abstract)
+  return model, params, WordVocab.load(export_dir / 'vocab.txt'), spec
+
+
+def predict(
+  workdir: str, sentences: list[str], model_path: str = '', batch_size: int = 64
+) -> np.ndarray:
+  """Class probabilities [N, C] for `sentences` from an exported model of a run."""
+  workdir = pathlib.Path(workdir)
+  model, params, vocab, spec = load_model(workdir, model_path)
+  config = json.loads((workdir / 'config.json').read_text())
+  max_len, buckets = config['data']['max_len'], tuple(config['data']['buckets'])
+  ids = pipeline.encode(sentences, vocab, max_len)
+  batches = pipeline.BatchIterator(
+    ids,
+    np.zeros(len(ids), np.int32),
+    batch_size,
+    buckets,
+    seed=0,
+    shuffle=False,
+    drop_remainder=False,
+  )
+  logits_fn = step_lib.make_logits_fn(model)
+  logits = evaluate.predict_logits(logits_fn, params, batches.one_epoch())
+  return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+def main(argv):
+  del argv
+  try:
+    sentences = read_sentences(_INPUT.value)
+    probs = predict(_WORKDIR.value, sentences, _MODEL.value, _BATCH.value)
+  except (DataError, checkpoint.CheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  lines = ['label\t' + '\t'.join(f'prob_{c}' for c in range(probs.shape[1])) + '\tsentence']
+  for sentence, p in zip(sentences, probs):
+    lines.append(f'{int(np.argmax(p))}\t' + '\t'.join(f'{x:.6f}' for x in p) + f'\t{sentence}')
+  text = '\n'.join(lines) + '\n'
+  if _OUTPUT.value == '-':
+    sys.stdout.write(text)
+  else:
+    pathlib.Path(_OUTPUT.value).write_text(text, encoding='utf-8')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,135 @@
+"""Pure train and eval steps, built by factories and jit-compiled.
+
+Every train step has one signature, `step(state, teacher_params, batch) -> (state, metrics)`:
+the frozen teacher's parameters are a separate, non-donated argument, so the optimizer never
+sees them and they are never written back. `metrics` maps names to (sum, count) pairs.
+"""
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdjax import losses
+
+Batch = Mapping[str, jax.Array]
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base key; each step folds in its step number
+
+
+def create_state(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  return TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+  )
+
+
+def _apply(model: nn.Module, params, batch: Batch, rng, train: bool):
+  return model.apply(
+    {'params': params},
+    batch['input_ids'],
+    batch['attention_mask'],
+    deterministic=not train,
+    rngs={'dropout': rng} if train else {},
+  )
+
+
+def supervised_loss_fn(model: nn.Module) -> LossFn:
+  def loss_fn(params, teacher_params, batch, rng):
+    del teacher_params
+    logits, _ = _apply(model, params, batch, rng, train=True)
+    return losses.supervised_loss(logits, batch['labels'], batch['weights'])
+
+  return loss_fn
+
+
+def distill_loss_fn(student: nn.Module, teacher: nn.Module, loss_cfg: Mapping) -> LossFn:
+  """Student trained against a frozen teacher run in inference mode (no dropout)."""
+
+  def loss_fn(params, teacher_params, batch, rng):
+    teacher_logits, _ = _apply(teacher, teacher_params, batch, None, train=False)
+    # stop_gradient makes the freeze explicit in the graph, not only in the optimizer.
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    student_logits, _ = _apply(student, params, batch, rng, train=True)
+    return losses.distillation_loss(
+      student_logits, teacher_logits, batch['labels'], batch['weights'], loss_cfg
+    )
+
+  return loss_fn
+
+
+def online_loss_fn(student: nn.Module, teacher: nn.Module, loss_cfg: Mapping) -> LossFn:
+  """Teacher and student trained together; params = {'teacher': ..., 'student': ...}.
+
+  The teacher learns from the labels (plus, if online_teacher_kd_weight > 0, from the
+  student as in deep mutual learning); the student learns from labels and the teacher.
+  Each soft target is stop-gradiented so a KD term only moves the model it trains.
+  """
+
+  def loss_fn(params, teacher_params, batch, rng):
+    del teacher_params
+    t_rng, s_rng = jax.random.split(rng)
+    teacher_logits, _ = _apply(teacher, params['teacher'], batch, t_rng, train=True)
+    student_logits, _ = _apply(student, params['student'], batch, s_rng, train=True)
+    teacher_loss, teacher_metrics = losses.supervised_loss(
+      teacher_logits, batch['labels'], batch['weights']
+    )
+    student_loss, metrics = losses.distillation_loss(
+      student_logits,
+      jax.lax.stop_gradient(teacher_logits),
+      batch['labels'],
+      batch['weights'],
+      loss_cfg,
+    )
+    mutual = losses.mean(
+      losses.kl_teacher_student(
+        teacher_logits,
+        jax.lax.stop_gradient(student_logits),
+        loss_cfg['temperature'],
+        batch['weights'],
+      )
+    )
+    total = student_loss + teacher_loss + loss_cfg['online_teacher_kd_weight'] * mutual
+    metrics['teacher_ce'] = teacher_metrics['ce']
+    metrics['teacher_accuracy'] = teacher_metrics['accuracy']
+    metrics['loss'] = (total * metrics['ce'][1], metrics['ce'][1])
+    return total, metrics
+
+  return loss_fn
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+  def step(state: TrainState, teacher_params, batch: Batch):
+    # fold_in ties dropout noise to the step number, so a resumed run draws the same masks.
+    rng = jax.random.fold_in(state.rng, state.step)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, teacher_params, batch, rng
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics['grad_norm'] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  # The old state is dead after the step; donating it lets XLA update buffers in place.
+  return jax.jit(step, donate_argnums=0)
+
+
+def make_logits_fn(model: nn.Module):
+  """Inference-mode logits for evaluation and prediction (one compile per bucket length)."""
+
+  @jax.jit
+  def logits_fn(params, batch: Batch):
+    logits, _ = _apply(model, params, batch, None, train=False)
+    return logits
+
+  return logits_fn

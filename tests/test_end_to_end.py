@@ -1,0 +1,133 @@
+"""A tiny run through every layer: killed mid-stage with SIGKILL, resumed, and compared."""
+
+import json
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _command(workdir, tfds_dir, *overrides):
+  return [
+    sys.executable,
+    '-m',
+    'kdjax.main',
+    '--config=experiments/sst2_quickstart.py:runlocal,student=cnn',
+    f'--workdir={workdir}',
+    f'--config.data.tfds_data_dir={tfds_dir}',
+    '--config.data.train_limit=3000',
+    "--config.stages=('teacher','distill')",
+    *overrides,
+  ]
+
+
+def _run(workdir, tfds_dir, *overrides):
+  return subprocess.run(
+    _command(workdir, tfds_dir, *overrides), cwd=REPO, capture_output=True, text=True, timeout=600
+  )
+
+
+def _export_params(workdir, stage, role):
+  directory = pathlib.Path(workdir) / stage / 'export' / role
+  params, _ = checkpoint.load_export(directory)
+  return params
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, tfds_dir):
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  proc = _run(workdir, tfds_dir)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, proc
+
+
+def test_run_writes_every_output(uninterrupted):
+  workdir, proc = uninterrupted
+  for name in ('config.json', 'metrics.jsonl', 'results.json', 'report.md', 'vocab.txt'):
+    assert (workdir / name).is_file(), name
+  results = json.loads((workdir / 'results.json').read_text())
+  assert results['final_student'] == 'distill/export/student'
+  assert set(results['stages']) == {'teacher', 'distill'}
+  distill = results['stages']['distill']
+  assert 0.0 <= distill['agreement'] <= 1.0
+  assert distill['models']['student']['params'] > 0
+  assert 0.4 < results['summary']['teacher_accuracy'] <= 1.0
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  distill_steps = [r['step'] for r in records if r['stage'] == 'distill' and 'loss' in r]
+  assert distill_steps == [5, 10, 15, 20]
+  assert {'kl_T', 'kl_T1', 'agreement', 'ce'} <= set(records[-2])
+  assert '| distill | student (cnn)' in proc.stdout
+
+
+def test_sigkill_midway_then_resume_matches_uninterrupted(uninterrupted, tmp_path, tfds_dir):
+  reference, _ = uninterrupted
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(
+    _command(workdir, tfds_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
+  marker = workdir / 'distill' / 'checkpoints' / '10'
+  deadline = time.time() + 500
+  while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (workdir / 'results.json').exists()
+
+  resumed = _run(workdir, tfds_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert '[teacher] already complete' in resumed.stdout
+  assert '[distill] resumed from step' in resumed.stdout
+  want = json.loads((reference / 'results.json').read_text())
+  got = json.loads((workdir / 'results.json').read_text())
+  assert got['summary'] == want['summary']
+  a, b = (
+    _export_params(reference, 'distill', 'student'),
+    _export_params(workdir, 'distill', 'student'),
+  )
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_resume_with_a_different_config_is_refused(uninterrupted, tfds_dir):
+  workdir, _ = uninterrupted
+  proc = _run(workdir, tfds_dir, '--config.loss.temperature=7.0')
+  assert proc.returncode == 2
+  assert 'config.loss.temperature was 2.0, now 7.0' in proc.stderr
+
+
+def test_predict_uses_the_final_student(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  inputs = tmp_path / 'in.txt'
+  inputs.write_text('a gorgeous , witty , seductive movie .\nthe worst film of the year .\n')
+  out = tmp_path / 'out.tsv'
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'kdjax.predict',
+      f'--workdir={workdir}',
+      f'--input={inputs}',
+      f'--output={out}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = out.read_text().splitlines()
+  assert lines[0] == 'label\tprob_0\tprob_1\tsentence'
+  assert len(lines) == 3
+  for line in lines[1:]:
+    label, p0, p1, _ = line.split('\t')
+    assert abs(float(p0) + float(p1) - 1.0) < 1e-5
+    assert int(label) == int(float(p1) > float(p0))
