@@ -53,10 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
-  c.train.teacher_steps = 2000  # steps of the teacher stage (and of the teacher in 'online')
-  c.train.student_steps = 2000  # steps of student_alone, online and distill
+  c.train.teacher_steps = 1500  # steps of the teacher stage (and of the teacher in 'online')
+  c.train.student_steps = 1500  # steps of student_alone, online and distill
   c.train.log_every = 50  # steps between progress lines / metrics.jsonl records
-  c.train.eval_every = 1000  # steps between dev evaluations (0 = only at the end)
+  c.train.eval_every = 500  # steps between dev evaluations (0 = only at the end)
   c.train.checkpoint_every = 250  # steps between checkpoints; a multiple of log_every
   c.train.keep_checkpoints = 2  # newest checkpoints kept per stage
   c.train.eval_batch_size = 256

@@ -11,10 +11,10 @@ def bert_small() -> ml_collections.ConfigDict:
   """A 2-layer BERT trained from scratch: the teacher that fits a 2-core CPU budget."""
   return _preset(
     'bert',
-    hidden_size=256,
+    hidden_size=128,
     num_layers=2,
     num_heads=4,
-    intermediate_size=1024,
+    intermediate_size=512,
     max_len=64,
     dropout_rate=0.1,
     attention_dropout_rate=0.1,

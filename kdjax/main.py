@@ -7,12 +7,11 @@ and run as code when loaded: only use config files you trust.
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kdjax import checkpoint, loop, train
-from kdjax import config as config_lib
-from kdjax.data.errors import DataError
+from kdjax import train
+from kdjax.cli import USER_ERRORS, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Experiment config file.', lock_config=True
@@ -20,13 +19,11 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; resumed if present).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# Expected failures end with one line and exit code 2 instead of a traceback.
-USER_ERRORS = (config_lib.ConfigError, DataError, checkpoint.CheckpointError, loop.TrainingDiverged)
-
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   try:
     train.run(_CONFIG.value, _WORKDIR.value)
   except USER_ERRORS as e:
@@ -35,4 +32,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,44 @@
+"""Shared command-line plumbing: one-line errors with exit code 2 instead of tracebacks."""
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from kdjax import checkpoint, loop
+from kdjax import config as config_lib
+from kdjax.data.errors import DataError
+
+# Expected failures end with one line and exit code 2 instead of a traceback.
+USER_ERRORS = (config_lib.ConfigError, DataError, checkpoint.CheckpointError, loop.TrainingDiverged)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors (exit 2) for bad or unknown config overrides."""
+  try:
+    argv = flags.FLAGS(argv)
+    config_file = config_flags.get_config_filename(flags.FLAGS['config']).split(':')[0]
+    if not os.path.isfile(config_file):
+      message = f'--config: no such file {config_file!r}'
+    else:
+      return argv
+  except flags.Error as e:
+    message = str(e)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    # A locked ConfigDict raises these for `--config.<key>` overrides naming no key.
+    detail = e.args[0] if e.args else e
+    message = f'bad --config override: {detail}'
+  print('error: ' + _one_line(str(message)), file=sys.stderr)
+  sys.exit(2)
+
+
+def _one_line(message: str) -> str:
+  """Flattens absl/ml_collections messages, which may embed a traceback or escaped newlines."""
+  lines = [line.strip() for line in message.replace('\\n', '\n').splitlines() if line.strip()]
+  marker = 'Traceback (most recent call last):'
+  start = next((i for i, line in enumerate(lines) if marker in line), None)
+  if start is not None:
+    # Keep what failed (before the traceback) and why (the exception, last line).
+    lines = lines[:start] + [lines[start].replace(marker, ''), lines[-1]]
+  return ' '.join(' '.join(lines).replace("'", '').replace('\\', '').split())

@@ -1,0 +1,103 @@
+"""Every experiment config loads and validates; every bad value is named in one line."""
+
+import importlib
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from configs import default
+from kdjax import config as config_lib
+from kdjax.sweep import apply_overrides, load_points
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / 'experiments').glob('*.py') if p.stem != '__init__')
+ARGS = {'sst2_quickstart': ['', 'runlocal', 'student=cnn'], 'sst2_seeds': ['teacher=']}
+
+
+@pytest.mark.parametrize('name', EXPERIMENTS)
+def test_every_experiment_config_loads_and_validates(name):
+  module = importlib.import_module(f'experiments.{name}')
+  for arg in ARGS.get(name, ['']):
+    config = module.get_config(arg)
+    if 'distill' in config.stages and config.teacher.path == '' and 'teacher' not in config.stages:
+      continue  # needs a trained teacher on disk; checked by the sweep test below
+    config_lib.validate(config)
+  if hasattr(module, 'get_sweep'):
+    # Every sweep point must name real keys (the teacher path is checked at run time).
+    for overrides in module.get_sweep():
+      apply_overrides(module.get_config(ARGS.get(name, [''])[0]), overrides)
+
+
+def test_default_schema_validates():
+  config_lib.validate(default.get_config())
+
+
+@pytest.mark.parametrize(
+  'key, value, fragment',
+  [
+    ('loss.temperature', 0.0, 'config.loss.temperature=0.0 is invalid: must be > 0'),
+    ('loss.kd_weight', -1.0, 'config.loss.kd_weight=-1.0 is invalid: must be >= 0'),
+    ('data.buckets', (16, 8, 64), 'config.data.buckets=(16, 8, 64) is invalid'),
+    ('data.eval_split', 'test', 'test has no labels'),
+    ('train.checkpoint_every', 7, 'must be a multiple of train.log_every=50'),
+    ('stages', ('distill',), "'distill' needs a teacher"),
+    ('stages', ('teacher', 'teacher'), 'each stage at most once'),
+    ('teacher_optim.schedule', 'exp', 'one of constant, linear, cosine'),
+    ('teacher.path', '/nonexistent/run', 'no trained teacher found'),
+  ],
+)
+def test_bad_values_are_named(key, value, fragment):
+  config = default.get_config()
+  if key == 'teacher.path':
+    config.stages = ('distill',)
+  config = apply_overrides(config, {key: value})
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config)
+  assert fragment in str(e.value)
+  assert '\n' not in str(e.value)
+
+
+def test_bad_model_field_is_named():
+  config = default.get_config()
+  config.student.kwargs.hidden_sise = 3
+  with pytest.raises(config_lib.ConfigError, match=r'config.student: .*hidden_sise'):
+    config_lib.validate(config)
+
+
+def test_sweep_with_a_bad_point_fails_before_running():
+  config = default.get_config()
+  with pytest.raises(config_lib.ConfigError, match='sweep point loss.temperature=-2'):
+    load_points(config, [{'loss.temperature': 2.0}, {'loss.temperature': -2.0}])
+  with pytest.raises(config_lib.ConfigError, match='loss.temprature=2.0: no such config key'):
+    load_points(config, [{'loss.temprature': 2.0}])
+
+
+@pytest.mark.parametrize(
+  'argv, fragment',
+  [
+    (['--config.loss.temprature=3'], 'Did you mean "temperature"'),
+    (['--config.loss.temperature=abc'], 'could not convert string to float'),
+    (['--config.loss.temperature=-1'], 'config.loss.temperature=-1.0 is invalid: must be > 0'),
+  ],
+)
+def test_cli_reports_bad_config_in_one_line_with_exit_code_2(argv, fragment, tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'kdjax.main',
+      '--config=experiments/sst2_quickstart.py',
+      f'--workdir={tmp_path / "run"}',
+      *argv,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 2
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith('error: ') and fragment in lines[0], proc.stderr
+  assert not (tmp_path / 'run' / 'config.json').exists()  # failed before doing anything
