@@ -18,7 +18,6 @@ from kdjax import step as step_lib
 from kdjax.data import pipeline
 from kdjax.data.errors import DataError
 from kdjax.data.vocab import WordVocab
-from kdjax.models import registry
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Finished run directory.')
 _INPUT = flags.DEFINE_string(
@@ -63,16 +62,7 @@ def load_model(workdir: pathlib.Path, model_path: str):
       )
     model_path = json.loads(results.read_text())['final_student']
   export_dir = workdir / model_path
-  spec = (
-    json.loads((export_dir / 'model.json').read_text())
-    if (export_dir / 'model.json').is_file()
-    else None
-  )
-  if spec is None:
-    raise checkpoint.CheckpointError(f'no exported model at {export_dir}')
-  model = train.build(spec)
-  abstract = jax.eval_shape(lambda: registry.init_params(model, jax.random.PRNGKey(0)))
-  params, _ = checkpoint.load_export(export_dir, abstract)
+  model, params, spec = train.load_exported_model(export_dir)
   return model, params, WordVocab.load(export_dir / 'vocab.txt'), spec
 
 

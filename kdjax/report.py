@@ -24,14 +24,10 @@ class MetricsWriter:
   def truncate_after(self, stage: str, step: int) -> None:
     if not self.path.exists():
       return
-    kept = [
-      line
-      for line in self.path.read_text().splitlines()
-      if line.strip()
-      and not (json.loads(line).get('stage') == stage and json.loads(line).get('step', 0) > step)
-    ]
+    records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    kept = [r for r in records if not (r.get('stage') == stage and r.get('step', 0) > step)]
     tmp = self.path.with_suffix('.tmp')
-    tmp.write_text(''.join(line + '\n' for line in kept))
+    tmp.write_text(''.join(json.dumps(r, sort_keys=True) + '\n' for r in kept))
     os.replace(tmp, self.path)
 
   def write(self, record: dict) -> None:

@@ -111,6 +111,18 @@ def build(spec: dict):
   )
 
 
+def load_exported_model(export_dir: pathlib.Path):
+  """(model, params, spec) from an export written at the end of a stage."""
+  spec_path = export_dir / 'model.json'
+  if not spec_path.is_file():
+    raise checkpoint.CheckpointError(f'no exported model at {export_dir} (no model.json)')
+  spec = json.loads(spec_path.read_text())
+  model = build(spec)
+  abstract = jax.eval_shape(lambda: registry.init_params(model, jax.random.PRNGKey(0)))
+  params, _ = checkpoint.load_export(export_dir, abstract)
+  return model, params, spec
+
+
 def _check_config(config, workdir: pathlib.Path) -> None:
   """A workdir belongs to one config: resuming with another would mix two experiments."""
   path = workdir / 'config.json'
@@ -147,11 +159,7 @@ def _load_teacher(config, workdir: pathlib.Path, vocab: WordVocab):
       f'config.teacher.path={config.teacher.path!r}: the teacher was trained with another '
       f'vocabulary ({vocab_path}); distill with the same data settings or retrain it'
     )
-  spec = json.loads((export_dir / 'model.json').read_text())
-  model = build(spec)
-  abstract = jax.eval_shape(lambda: registry.init_params(model, jax.random.PRNGKey(0)))
-  params, _ = checkpoint.load_export(export_dir, abstract)
-  return model, params, spec
+  return load_exported_model(export_dir)
 
 
 def run_stage(
