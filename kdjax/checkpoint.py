@@ -81,18 +81,22 @@ def export_model(directory: str | os.PathLike, params: Any, model_spec: dict) ->
   (directory / 'model.json').write_text(json.dumps(model_spec, indent=2, sort_keys=True))
 
 
-def load_export(directory: str | os.PathLike, abstract_params: Any = None) -> tuple[Any, dict]:
-  """Reads an export written by `export_model`: (params, model_spec)."""
+def read_export_spec(directory: str | os.PathLike) -> dict:
+  """The model name and keywords of an export written by `export_model`."""
   directory = pathlib.Path(directory).absolute()
   spec_path = directory / 'model.json'
   if not spec_path.is_file() or not (directory / 'params').is_dir():
     raise CheckpointError(f'no exported model at {directory} (expected model.json and params/)')
-  spec = json.loads(spec_path.read_text())
+  return json.loads(spec_path.read_text())
+
+
+def load_export_params(directory: str | os.PathLike, abstract_params: Any = None) -> Any:
+  """The params of an export; `abstract_params` (shapes/dtypes) restores them as jax arrays."""
+  directory = pathlib.Path(directory).absolute()
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(directory / 'params', abstract_params)
+      return ckptr.restore(directory / 'params', abstract_params)
   except Exception as e:  # see StageCheckpointer.restore_latest
     raise CheckpointError(
       f'exported model at {directory} is unreadable: {type(e).__name__}: {str(e).splitlines()[0]}'
     ) from e
-  return params, spec

@@ -56,7 +56,7 @@ def train_stage(
   sums, interval_examples, interval_steps, compiled_shapes = None, 0, 0, set()
   interval_compiled = False
   steady_examples, steady_seconds = 0, 0.0
-  interval_start = stage_start = time.perf_counter()
+  interval_start = time.perf_counter()
   for step in range(int(state.step) + 1, spec.steps + 1):
     batch = next(batches)
     shape = batch['input_ids'].shape
@@ -122,7 +122,6 @@ def train_stage(
   ckpt.close()
   info = {
     'steps': spec.steps,
-    'train_seconds': time.perf_counter() - stage_start,
     'train_examples_per_sec': (
       steady_examples / steady_seconds if steady_seconds else float('nan')
     ),

@@ -62,8 +62,8 @@ def load_model(workdir: pathlib.Path, model_path: str):
       )
     model_path = json.loads(results.read_text())['final_student']
   export_dir = workdir / model_path
-  model, params, spec = train.load_exported_model(export_dir)
-  return model, params, WordVocab.load(export_dir / 'vocab.txt'), spec
+  model, params, _ = train.load_exported_model(export_dir)
+  return model, params, WordVocab.load(export_dir / 'vocab.txt')
 
 
 def predict(
@@ -71,7 +71,7 @@ def predict(
 ) -> np.ndarray:
   """Class probabilities [N, C] for `sentences` from an exported model of a run."""
   workdir = pathlib.Path(workdir)
-  model, params, vocab, spec = load_model(workdir, model_path)
+  model, params, vocab = load_model(workdir, model_path)
   config = json.loads((workdir / 'config.json').read_text())
   max_len, buckets = config['data']['max_len'], tuple(config['data']['buckets'])
   ids = pipeline.encode(sentences, vocab, max_len)

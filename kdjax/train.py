@@ -113,14 +113,10 @@ def build(spec: dict):
 
 def load_exported_model(export_dir: pathlib.Path):
   """(model, params, spec) from an export written at the end of a stage."""
-  spec_path = export_dir / 'model.json'
-  if not spec_path.is_file():
-    raise checkpoint.CheckpointError(f'no exported model at {export_dir} (no model.json)')
-  spec = json.loads(spec_path.read_text())
+  spec = checkpoint.read_export_spec(export_dir)
   model = build(spec)
   abstract = jax.eval_shape(lambda: registry.init_params(model, jax.random.PRNGKey(0)))
-  params, _ = checkpoint.load_export(export_dir, abstract)
-  return model, params, spec
+  return model, checkpoint.load_export_params(export_dir, abstract), spec
 
 
 def _check_config(config, workdir: pathlib.Path) -> None:
@@ -154,7 +150,7 @@ def _load_teacher(config, workdir: pathlib.Path, vocab: WordVocab):
     else workdir / 'teacher' / 'export' / 'teacher'
   )
   vocab_path = export_dir / 'vocab.txt'
-  if vocab_path.exists() and WordVocab.load(vocab_path).tokens != vocab.tokens:
+  if vocab_path.exists() and WordVocab.load(vocab_path) != vocab:
     raise config_lib.ConfigError(
       f'config.teacher.path={config.teacher.path!r}: the teacher was trained with another '
       f'vocabulary ({vocab_path}); distill with the same data settings or retrain it'

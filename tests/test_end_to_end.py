@@ -38,8 +38,7 @@ def _run(workdir, tfds_dir, *overrides):
 
 def _export_params(workdir, stage, role):
   directory = pathlib.Path(workdir) / stage / 'export' / role
-  params, _ = checkpoint.load_export(directory)
-  return params
+  return checkpoint.load_export_params(directory)
 
 
 @pytest.fixture(scope='module')
