@@ -28,14 +28,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_len = 64  # tokens per sentence, [CLS] included; longer ones are truncated
   c.data.buckets = (16, 32, 64)  # padded lengths; a batch is padded to the smallest that fits
   c.data.bucket_window = 50  # sort by length inside windows of this many batches
+  # 'word': a word vocabulary built from the training split; 'wordpiece': a BERT
+  # tokenizer.json (required with a pretrained BERT, so teacher and student share ids).
+  c.data.tokenizer = 'word'
+  c.data.tokenizer_path = ''  # wordpiece only: folder or tokenizer.json; '' = packaged MiniLM
   c.data.vocab_size = 20000  # word vocabulary built from the training split
   c.data.vocab_min_count = 1  # words seen fewer times map to [UNK]
   c.data.train_limit = 0  # use only the first N training examples (0 = all)
 
-  c.teacher = models.bert_small()  # model name + constructor keywords
-  c.teacher.path = ''  # workdir of an earlier run whose trained teacher is reused
+  # Each role: model (registry name), kwargs (constructor keywords), path (teacher only:
+  # workdir or export of an earlier run whose trained teacher is reused), init_from
+  # (weights loaded before training: 'minilm' = the packaged all-MiniLM-L6-v2 or a Hugging
+  # Face BERT folder with config.json + model.safetensors, for bert; a kdjax export or a
+  # run's workdir (its teacher export) to continue training that model; 'teacher' = the
+  # trained teacher, for students: layers + pruned FFN + SVD embeddings for a bert student,
+  # a PCA of its word embeddings for bilstm/cnn), init_layers (init_from='teacher', bert:
+  # the teacher layer each student layer copies; () = evenly spaced).
+  c.teacher = models.bert_small()
   c.student = models.bilstm_small()
-  c.student.path = ''  # unused for students; kept so both roles share one schema
 
   c.teacher_optim = optimizer(learning_rate=5e-4)
   c.student_optim = optimizer(learning_rate=2e-3)
@@ -50,6 +60,22 @@ def get_config() -> ml_collections.ConfigDict:
   # Online stage only: weight of the teacher's own T²·KL(student_T ‖ teacher_T) term
   # (0 = the teacher learns from labels alone; >0 = deep-mutual-learning style).
   c.loss.online_teacher_kd_weight = 0.0
+
+  # The distill stage's transfer set and where its teacher outputs come from.
+  c.distill = ml_collections.ConfigDict()
+  # 'logits': teacher logits for the whole transfer set computed once, stored under cache_dir
+  # keyed by a hash of teacher + token ids + tokenizer, and read back by every later run;
+  # 'topk': only the cache_topk largest logits (+ log-sum-exp of the rest) are stored;
+  # 'off': the teacher runs live in every step.
+  c.distill.teacher_cache = 'logits'
+  c.distill.cache_topk = 1
+  c.distill.cache_dir = ''  # '' = $KDJAX_CACHE/teacher_outputs (default ~/.cache/kdjax/...)
+  # Tang et al. (2019) augmented, teacher-labelled copies per training sentence (0 = none).
+  c.distill.augment_copies = 0
+  c.distill.augment_seed = 0  # fixed apart from config.seed so every seed shares one cache
+  c.distill.augment_mask_prob = 0.1
+  c.distill.augment_replace_prob = 0.1
+  c.distill.augment_ngram_prob = 0.25
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64

@@ -1,10 +1,14 @@
-"""Named model presets: each returns ConfigDict(model=<registry name>, kwargs=...)."""
+"""Named model presets: ConfigDict(model=<registry name>, kwargs=..., path, init_from, init_layers)."""
 
 import ml_collections
 
 
 def _preset(model: str, **kwargs) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({'model': model, 'kwargs': kwargs})
+  # path / init_from are part of every role's schema (see configs/default.py), so a preset
+  # can replace config.teacher or config.student whole.
+  return ml_collections.ConfigDict(
+    {'model': model, 'kwargs': kwargs, 'path': '', 'init_from': '', 'init_layers': ()}
+  )
 
 
 def bert_small() -> ml_collections.ConfigDict:
@@ -34,6 +38,20 @@ def bert_tiny() -> ml_collections.ConfigDict:
   )
 
 
+def minilm_l6() -> ml_collections.ConfigDict:
+  """all-MiniLM-L6-v2's shape (6 layers, 384 wide, 12 heads); set init_from='minilm'."""
+  return _preset(
+    'bert',
+    hidden_size=384,
+    num_layers=6,
+    num_heads=12,
+    intermediate_size=1536,
+    max_len=512,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+  )
+
+
 def bilstm_small() -> ml_collections.ConfigDict:
   """Tang et al. (2019)-style BiLSTM student, narrowed to CPU scale."""
   return _preset(
@@ -51,6 +69,7 @@ def cnn_small() -> ml_collections.ConfigDict:
 PRESETS = {
   'bert_small': bert_small,
   'bert_tiny': bert_tiny,
+  'minilm_l6': minilm_l6,
   'bilstm_small': bilstm_small,
   'cnn_small': cnn_small,
 }

@@ -1,39 +1,34 @@
-"""SST-2 quickstart: BERT-style teacher → BiLSTM student, all four stages, on 2 CPU cores.
+"""SST-2 quickstart: the fine-tuned MiniLM teacher → BiLSTM student, trained alone and
+distilled (teacher-output cache, one augmented copy per sentence), on 2 CPU cores.
 
-Command (from the repository root):
+The teacher is a one-time step whose export every later run reuses by path:
+  python -m kdjax.main --config=experiments/sst2_minilm_teacher.py --workdir=runs/minilm_teacher
   python -m kdjax.main --config=experiments/sst2_quickstart.py --workdir=runs/quickstart
 
 Arguments after the file name, comma separated:
+  teacher=<workdir>    the teacher run (default runs/minilm_teacher)
   student=bilstm|cnn   which student family (default bilstm)
-  runlocal             a few steps of everything, for a smoke test (about a minute)
+  runlocal             a few steps on 500 sentences, for a smoke test
 
-Expected result and wall time: see the results table in README.md (measured on a 2-core CPU).
+The same config as seed 0 of experiments/sst2_minilm_students.py; expected results and wall
+times are in README.md and experiments/README.md.
 """
 
-from configs import default, models
+from experiments import parse_args, sst2_minilm_students
 
 
 def get_config(arg: str = ''):
-  args = dict(a.split('=', 1) if '=' in a else (a, True) for a in arg.split(',') if a)
-  unknown = set(args) - {'student', 'runlocal'}
-  if unknown:
-    raise ValueError(
-      f'experiments/sst2_quickstart.py: unknown argument(s) {sorted(unknown)}; '
-      'valid: student=bilstm|cnn, runlocal'
-    )
-  config = default.get_config()
-  config.name = 'sst2_quickstart'
+  args = parse_args(
+    arg,
+    {'teacher': '<workdir>', 'student': 'bilstm|cnn', 'runlocal': ''},
+    'experiments/sst2_quickstart.py',
+  )
   student = args.get('student', 'bilstm')
   if student not in ('bilstm', 'cnn'):
     raise ValueError(f'experiments/sst2_quickstart.py: student={student!r}; valid: bilstm, cnn')
-  config.student = models.bilstm_small() if student == 'bilstm' else models.cnn_small()
-  config.student.path = ''
-  if args.get('runlocal'):
-    config.teacher = models.bert_tiny()
-    config.teacher.path = ''
-    config.train.teacher_steps = 20
-    config.train.student_steps = 20
-    config.train.log_every = 5
-    config.train.eval_every = 10
-    config.train.checkpoint_every = 10
+  parts = [f'student={student}', f'teacher={args.get("teacher", "runs/minilm_teacher")}']
+  config = sst2_minilm_students.get_config(
+    ','.join(parts + (['runlocal'] if 'runlocal' in args else []))
+  )
+  config.name = 'sst2_quickstart'
   return config

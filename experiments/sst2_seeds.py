@@ -1,13 +1,13 @@
 """Student alone vs distilled student over 3 seeds, with a fixed, already trained teacher.
 
-First train the quickstart (its teacher is reused), then:
-  python -m kdjax.sweep --config=experiments/sst2_seeds.py:teacher=runs/quickstart \\
+First run experiments/sst2_from_scratch.py (its teacher is reused), then:
+  python -m kdjax.sweep --config=experiments/sst2_seeds.py:teacher=runs/from_scratch \\
       --workdir=runs/sst2_seeds
 Each seed changes the student's initialisation, dropout and data order. The table of
 mean ± std lands in runs/sst2_seeds/results.md (recorded in experiments/README.md).
 """
 
-from experiments import sst2_quickstart
+from experiments import sst2_from_scratch
 
 
 def get_config(arg: str = ''):
@@ -17,10 +17,10 @@ def get_config(arg: str = ''):
       f'experiments/sst2_seeds.py: unknown argument(s) {sorted(set(args) - {"teacher", "student"})}'
       '; valid: teacher=<workdir of a run with a teacher stage>, student=bilstm|cnn'
     )
-  config = sst2_quickstart.get_config(f'student={args.get("student", "bilstm")}')
+  config = sst2_from_scratch.get_config(f'student={args.get("student", "bilstm")}')
   config.name = 'sst2_seeds'
   config.stages = ('student_alone', 'distill')
-  config.teacher.path = args.get('teacher', 'runs/quickstart')
+  config.teacher.path = args.get('teacher', 'runs/from_scratch')
   return config
 
 

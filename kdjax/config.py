@@ -1,5 +1,6 @@
 """Validation of a run config: every bad value is reported before anything is compiled."""
 
+import json
 import pathlib
 from typing import Mapping
 
@@ -32,6 +33,59 @@ def _validate_model(config, role: str) -> None:
     registry.build_model(spec.model, vocab_size=8, num_classes=2, **spec.kwargs.to_dict())
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.{role}: {e}') from None
+
+
+def _validate_init_from(config, role: str) -> None:
+  """A pretrained checkpoint (Hugging Face BERT folder, or a kdjax export / run workdir to
+  continue from) must exist and fit the configured model and tokenizer."""
+  from kdjax.checkpoint import CheckpointError
+  from kdjax.models import hf_bert
+
+  spec = config[role]
+  key = f'{role}.init_from'
+  export = teacher_export_dir(spec.init_from)
+  if (export / 'model.json').is_file():  # a kdjax export: continue training that model
+    saved = json.loads((export / 'model.json').read_text())
+    for name in ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size', 'embed_dim'):
+      _require(
+        saved['kwargs'].get(name) == spec.kwargs.get(name),
+        f'{role}.kwargs.{name}',
+        spec.kwargs.get(name),
+        f'the export {export} has {name}={saved["kwargs"].get(name)}',
+      )
+    _require(
+      saved['model'] == spec.model,
+      f'{role}.model',
+      spec.model,
+      f'{export} holds a {saved["model"]!r}',
+    )
+    return
+  _require(
+    spec.model == 'bert', key, spec.init_from, f"needs {role}.model='bert', got {spec.model!r}"
+  )
+  _require(
+    config.data.tokenizer == 'wordpiece',
+    key,
+    spec.init_from,
+    "a pretrained BERT needs data.tokenizer='wordpiece' (its own WordPiece ids)",
+  )
+  try:
+    ckpt = hf_bert.bert_kwargs(spec.init_from)
+  except CheckpointError as e:
+    raise ConfigError(f'config.{key}={spec.init_from!r} is invalid: {e}') from None
+  for name in ('hidden_size', 'num_layers', 'num_heads', 'intermediate_size'):
+    _require(
+      spec.kwargs.get(name) == ckpt[name],
+      f'{role}.kwargs.{name}',
+      spec.kwargs.get(name),
+      f'the checkpoint {spec.init_from!r} has {name}={ckpt[name]}',
+    )
+  _require(
+    spec.kwargs.get('max_len', 512) <= ckpt['max_len'],
+    f'{role}.kwargs.max_len',
+    spec.kwargs.get('max_len', 512),
+    f"at most the checkpoint's {ckpt['max_len']} positions",
+  )
 
 
 def _validate_optimizer(cfg: Mapping, key: str) -> None:
@@ -107,8 +161,31 @@ def validate(config) -> None:
   _require(d.train_limit >= 0, 'data.train_limit', d.train_limit, 'must be >= 0 (0 = all)')
   _require(d.bucket_window >= 1, 'data.bucket_window', d.bucket_window, 'must be >= 1')
 
+  from kdjax.data import text
+
+  _require(
+    d.tokenizer in text.TOKENIZERS,
+    'data.tokenizer',
+    d.tokenizer,
+    f'one of {", ".join(text.TOKENIZERS)}',
+  )
   for role in ('teacher', 'student'):
     _validate_model(config, role)
+    if config[role].init_from == 'teacher':
+      _require(
+        role == 'student' and (bool(config.teacher.path) or stages[:1] == ('teacher',)),
+        f'{role}.init_from',
+        'teacher',
+        "students only, with config.teacher.path set or 'teacher' as the first stage",
+      )
+    elif config[role].init_from:
+      _validate_init_from(config, role)
+    _require(
+      not config[role].init_layers or config[role].init_from == 'teacher',
+      f'{role}.init_layers',
+      tuple(config[role].init_layers),
+      "only used with init_from='teacher'; leave it () otherwise",
+    )
   for key in ('teacher_optim', 'student_optim'):
     _validate_optimizer(config[key], key)
 
@@ -121,6 +198,24 @@ def validate(config) -> None:
     'loss.kd_weight',
     loss.kd_weight,
     'hard_weight, kd_weight and logit_mse_weight cannot all be 0',
+  )
+
+  dc = config.distill
+  _require(
+    dc.teacher_cache in ('off', 'logits', 'topk'),
+    'distill.teacher_cache',
+    dc.teacher_cache,
+    'one of off, logits, topk',
+  )
+  _require(dc.cache_topk >= 1, 'distill.cache_topk', dc.cache_topk, 'must be >= 1 (and < classes)')
+  _require(dc.augment_copies >= 0, 'distill.augment_copies', dc.augment_copies, 'must be >= 0')
+  for name in ('augment_mask_prob', 'augment_replace_prob', 'augment_ngram_prob'):
+    _require(0 <= dc[name] <= 1, f'distill.{name}', dc[name], 'a probability in [0, 1]')
+  _require(
+    dc.augment_mask_prob + dc.augment_replace_prob <= 1,
+    'distill.augment_replace_prob',
+    dc.augment_replace_prob,
+    f'augment_mask_prob + augment_replace_prob must be <= 1 (mask is {dc.augment_mask_prob})',
   )
 
   t = config.train

@@ -89,20 +89,24 @@ def distillation_loss(
   labels: jax.Array,
   weights: jax.Array,
   cfg: Mapping,
+  label_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, Metric]]:
   """hard_weight·CE + kd_weight·T²·KL(teacher_T ‖ student_T) + logit_mse_weight·MSE.
 
   `teacher_logits` are used as given: callers that freeze the teacher pass them through
   `jax.lax.stop_gradient`; the online stage lets gradients reach the teacher on purpose.
+  `label_weights` (default: `weights`) restricts the label terms (CE, accuracy) to examples
+  that have a gold label, e.g. when augmented, teacher-labelled inputs are mixed in.
   Returns the scalar to differentiate and every term as (sum, count), including KL at T = 1
   so runs with different temperatures can be compared on one scale.
   """
+  label_weights = weights if label_weights is None else label_weights
   metrics = {
-    'ce': cross_entropy(student_logits, labels, weights),
+    'ce': cross_entropy(student_logits, labels, label_weights),
     'kl_T': kl_teacher_student(student_logits, teacher_logits, cfg['temperature'], weights),
     'kl_T1': kl_teacher_student(student_logits, teacher_logits, 1.0, weights),
     'logit_mse': logit_mse(student_logits, teacher_logits, weights),
-    'accuracy': accuracy(student_logits, labels, weights),
+    'accuracy': accuracy(student_logits, labels, label_weights),
     'agreement': agreement(student_logits, teacher_logits, weights),
   }
   loss = (
@@ -110,7 +114,8 @@ def distillation_loss(
     + cfg['kd_weight'] * mean(metrics['kl_T'])
     + cfg['logit_mse_weight'] * mean(metrics['logit_mse'])
   )
-  metrics['loss'] = (loss * metrics['ce'][1], metrics['ce'][1])
+  count = jnp.sum(weights.astype(jnp.float32))
+  metrics['loss'] = (loss * count, count)
   return loss, metrics
 
 

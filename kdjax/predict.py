@@ -15,9 +15,8 @@ from absl import app, flags
 
 from kdjax import checkpoint, evaluate, train
 from kdjax import step as step_lib
-from kdjax.data import pipeline
+from kdjax.data import pipeline, text
 from kdjax.data.errors import DataError
-from kdjax.data.vocab import WordVocab
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Finished run directory.')
 _INPUT = flags.DEFINE_string(
@@ -63,7 +62,7 @@ def load_model(workdir: pathlib.Path, model_path: str):
     model_path = json.loads(results.read_text())['final_student']
   export_dir = workdir / model_path
   model, params, _ = train.load_exported_model(export_dir)
-  return model, params, WordVocab.load(export_dir / 'vocab.txt')
+  return model, params, text.load_tokenizer(export_dir)
 
 
 def predict(
@@ -71,10 +70,10 @@ def predict(
 ) -> np.ndarray:
   """Class probabilities [N, C] for `sentences` from an exported model of a run."""
   workdir = pathlib.Path(workdir)
-  model, params, vocab = load_model(workdir, model_path)
+  model, params, tokenizer = load_model(workdir, model_path)
   config = json.loads((workdir / 'config.json').read_text())
   max_len, buckets = config['data']['max_len'], tuple(config['data']['buckets'])
-  ids = pipeline.encode(sentences, vocab, max_len)
+  ids = pipeline.encode(sentences, tokenizer, max_len)
   batches = pipeline.BatchIterator(
     ids,
     np.zeros(len(ids), np.int32),

@@ -52,16 +52,31 @@ def supervised_loss_fn(model: nn.Module) -> LossFn:
   return loss_fn
 
 
-def distill_loss_fn(student: nn.Module, teacher: nn.Module, loss_cfg: Mapping) -> LossFn:
-  """Student trained against a frozen teacher run in inference mode (no dropout)."""
+def distill_loss_fn(student: nn.Module, teacher: nn.Module | None, loss_cfg: Mapping) -> LossFn:
+  """Student trained against a frozen teacher run in inference mode (no dropout).
+
+  With `teacher=None` the teacher's logits come precomputed in `batch['teacher_logits']`
+  (the teacher-output cache) and the teacher never runs. Examples with label -1 (augmented,
+  teacher-labelled inputs) count in the teacher terms but not in CE or accuracy.
+  """
 
   def loss_fn(params, teacher_params, batch, rng):
-    teacher_logits, _ = _apply(teacher, teacher_params, batch, None, train=False)
+    if teacher is None:
+      teacher_logits = batch['teacher_logits']
+    else:
+      teacher_logits, _ = _apply(teacher, teacher_params, batch, None, train=False)
     # stop_gradient makes the freeze explicit in the graph, not only in the optimizer.
     teacher_logits = jax.lax.stop_gradient(teacher_logits)
     student_logits, _ = _apply(student, params, batch, rng, train=True)
+    labels = batch['labels']
+    label_weights = batch['weights'] * (labels >= 0)
     return losses.distillation_loss(
-      student_logits, teacher_logits, batch['labels'], batch['weights'], loss_cfg
+      student_logits,
+      teacher_logits,
+      jnp.maximum(labels, 0),
+      batch['weights'],
+      loss_cfg,
+      label_weights=label_weights,
     )
 
   return loss_fn

@@ -14,12 +14,11 @@ import time
 import jax
 import numpy as np
 
-from kdjax import checkpoint, evaluate, loop, optim, report
+from kdjax import checkpoint, distill_data, evaluate, loop, optim, report
 from kdjax import config as config_lib
 from kdjax import step as step_lib
-from kdjax.data import pipeline
-from kdjax.data.vocab import WordVocab
-from kdjax.models import registry
+from kdjax.data import pipeline, text
+from kdjax.models import from_teacher, hf_bert, registry
 
 NUM_CLASSES = 2
 # Fixed sub-seeds per role: the student of 'student_alone' and of 'distill' start from the
@@ -36,7 +35,8 @@ STAGE_ROLES = {
 
 @dataclasses.dataclass
 class TaskData:
-  vocab: WordVocab
+  tokenizer: text.Tokenizer
+  train_text: list
   train_ids: list
   train_labels: np.ndarray
   eval_ids: list
@@ -54,25 +54,22 @@ def prepare_data(config, workdir: pathlib.Path) -> TaskData:
   if d.train_limit:
     train_text, train_labels = train_text[: d.train_limit], train_labels[: d.train_limit]
   eval_text, eval_labels = pipeline.load_split(d.name, d.eval_split, tfds_dir, d.raw_dir)
-  vocab_path = workdir / 'vocab.txt'
-  if vocab_path.exists():  # a resumed run must keep the token ids it trained with
-    vocab = WordVocab.load(vocab_path)
-  else:
-    vocab = WordVocab.build(train_text, d.vocab_size, d.vocab_min_count)
-    vocab.save(vocab_path)
+  # A resumed run reloads the tokenizer saved in the workdir: token ids must not change.
+  tokenizer = text.make_tokenizer(d, train_text, workdir)
   return TaskData(
-    vocab,
-    pipeline.encode(train_text, vocab, d.max_len),
+    tokenizer,
+    train_text,
+    pipeline.encode(train_text, tokenizer, d.max_len),
     train_labels,
-    pipeline.encode(eval_text, vocab, d.max_len),
+    pipeline.encode(eval_text, tokenizer, d.max_len),
     eval_labels,
   )
 
 
-def train_batches(config, data: TaskData) -> pipeline.BatchIterator:
+def train_batches(config, ids, labels) -> pipeline.BatchIterator:
   return pipeline.BatchIterator(
-    data.train_ids,
-    data.train_labels,
+    ids,
+    labels,
     config.train.batch_size,
     tuple(config.data.buckets),
     config.seed,
@@ -143,19 +140,48 @@ def _first_difference(a, b, prefix='config') -> str:
   return f'{prefix} was {a!r}, now {b!r}'
 
 
-def _load_teacher(config, workdir: pathlib.Path, vocab: WordVocab):
-  export_dir = (
-    config_lib.teacher_export_dir(config.teacher.path)
-    if config.teacher.path
-    else workdir / 'teacher' / 'export' / 'teacher'
-  )
-  vocab_path = export_dir / 'vocab.txt'
-  if vocab_path.exists() and WordVocab.load(vocab_path) != vocab:
+def _teacher_dir(config, workdir: pathlib.Path) -> pathlib.Path:
+  if config.teacher.path:
+    return config_lib.teacher_export_dir(config.teacher.path)
+  return workdir / 'teacher' / 'export' / 'teacher'
+
+
+def _load_teacher(config, workdir: pathlib.Path, tokenizer: text.Tokenizer):
+  export_dir = _teacher_dir(config, workdir)
+  if text.load_tokenizer(export_dir) != tokenizer:
     raise config_lib.ConfigError(
       f'config.teacher.path={config.teacher.path!r}: the teacher was trained with another '
-      f'vocabulary ({vocab_path}); distill with the same data settings or retrain it'
+      f'tokenizer ({export_dir}); distill with the same data settings or retrain it'
     )
-  return load_exported_model(export_dir)
+  return (*load_exported_model(export_dir), export_dir)
+
+
+def initial_params(config, role: str, model, key, workdir: pathlib.Path):
+  """Fresh parameters, overwritten from a pretrained checkpoint or the trained teacher if
+  `config.<role>.init_from` says so."""
+  params = registry.init_params(model, jax.random.fold_in(key, ROLE_SEEDS[role]))
+  source = config[role].init_from
+  if source == 'teacher':
+    teacher_dir = _teacher_dir(config, workdir)
+    params, info = from_teacher.student_from_teacher(
+      config[role].model,
+      checkpoint.load_export_params(teacher_dir),
+      jax.device_get(params),
+      tuple(config[role].init_layers),
+    )
+    print(f'{role}: initialised from the teacher at {teacher_dir} ({info})', flush=True)
+  elif (config_lib.teacher_export_dir(source) / 'model.json').is_file():
+    export = config_lib.teacher_export_dir(source)
+    params = checkpoint.load_export_params(export, jax.eval_shape(lambda: params))
+    print(f'{role}: continuing from the kdjax export {export}', flush=True)
+  elif source:
+    params, info = hf_bert.load_bert_params(source, params)
+    print(
+      f'{role}: {info["loaded"]} tensors from {info["source"]}; '
+      f'newly initialised: {", ".join(info["kept_from_init"]) or "none"}',
+      flush=True,
+    )
+  return params
 
 
 def run_stage(
@@ -169,21 +195,33 @@ def run_stage(
   stage_dir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   key = jax.random.PRNGKey(config.seed)
-  vocab_size = len(data.vocab)
+  vocab_size = len(data.tokenizer)
   specs = {role: model_spec(config, role, vocab_size) for role in STAGE_ROLES[name]}
   models = {role: build(spec) for role, spec in specs.items()}
-  init = {
-    role: registry.init_params(m, jax.random.fold_in(key, ROLE_SEEDS[role]))
-    for role, m in models.items()
-  }
+  init = {role: initial_params(config, role, m, key, workdir) for role, m in models.items()}
   make_eval = eval_batches(config, data.eval_ids, data.eval_labels)
   logits_fns = {role: step_lib.make_logits_fn(m) for role, m in models.items()}
 
-  teacher_params, frozen = None, None
+  teacher_params, frozen, cache_info = None, None, None
+  batches = train_batches(config, data.train_ids, data.train_labels)
   if name == 'distill':
-    teacher_model, teacher_params, teacher_spec = _load_teacher(config, workdir, data.vocab)
-    frozen = (step_lib.make_logits_fn(teacher_model), teacher_params)
-    loss_fn = step_lib.distill_loss_fn(models['student'], teacher_model, config.loss)
+    teacher_model, frozen_params, teacher_spec, teacher_dir = _load_teacher(
+      config, workdir, data.tokenizer
+    )
+    frozen = (step_lib.make_logits_fn(teacher_model), frozen_params)
+    ids, labels = distill_data.transfer_set(
+      config, data.train_text, data.train_ids, data.train_labels, data.tokenizer
+    )
+    batches = train_batches(config, ids, labels)
+    cached, cache_info = distill_data.cached_teacher_logits(
+      config, ids, data.tokenizer, teacher_dir, teacher_model, frozen_params
+    )
+    if cached is None:  # the teacher runs inside every step
+      teacher_params = frozen_params
+      loss_fn = step_lib.distill_loss_fn(models['student'], teacher_model, config.loss)
+    else:
+      batches = distill_data.WithTeacherLogits(batches, cached)
+      loss_fn = step_lib.distill_loss_fn(models['student'], None, config.loss)
   elif name == 'online':
     loss_fn = step_lib.online_loss_fn(models['student'], models['teacher'], config.loss)
   else:
@@ -218,9 +256,7 @@ def run_stage(
     teacher_params=teacher_params,
     evaluate=periodic_eval,
   )
-  trained, info = loop.train_stage(
-    spec, train_batches(config, data), stage_dir, config.train, writer
-  )
+  trained, info = loop.train_stage(spec, batches, stage_dir, config.train, writer)
 
   result = {
     'steps': info['steps'],
@@ -238,13 +274,15 @@ def run_stage(
     }
     export_dir = stage_dir / 'export' / role
     checkpoint.export_model(export_dir, p, specs[role])
-    data.vocab.save(export_dir / 'vocab.txt')
+    text.save_tokenizer(data.tokenizer, export_dir)
+  if cache_info is not None:
+    result['teacher_cache'] = cache_info
   if frozen is not None:
     logits['teacher'] = evaluate.predict_logits(*frozen, make_eval())
     result['frozen_teacher'] = {
       'model': teacher_spec['model'],
       'eval_accuracy': evaluate.accuracy(logits['teacher'], data.eval_labels),
-      **evaluate.model_stats(teacher_params),
+      **evaluate.model_stats(frozen[1]),
     }
   if 'teacher' in logits and 'student' in logits:
     result['agreement'] = evaluate.agreement(logits['student'], logits['teacher'])
@@ -270,7 +308,7 @@ def run(config, workdir) -> dict:
   data = prepare_data(config, workdir)
   print(
     f'data: {len(data.train_ids)} train / {len(data.eval_ids)} {config.data.eval_split} '
-    f'examples, vocabulary {len(data.vocab)}; devices: {jax.devices()}',
+    f'examples, vocabulary {len(data.tokenizer)}; devices: {jax.devices()}',
     flush=True,
   )
   writer = report.MetricsWriter(workdir / 'metrics.jsonl')

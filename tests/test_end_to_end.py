@@ -21,7 +21,7 @@ def _command(workdir, tfds_dir, *overrides):
     sys.executable,
     '-m',
     'kdjax.main',
-    '--config=experiments/sst2_quickstart.py:runlocal,student=cnn',
+    '--config=experiments/sst2_from_scratch.py:runlocal,student=cnn',
     f'--workdir={workdir}',
     f'--config.data.tfds_data_dir={tfds_dir}',
     '--config.data.train_limit=3000',

@@ -15,7 +15,6 @@ import tensorflow_datasets as tfds
 
 from kdjax.data.errors import DataError
 from kdjax.data.sst2_builder import SPLIT_FILES, Sst2Local
-from kdjax.data.vocab import WordVocab
 
 # Progress bars would flood training logs (and tests) for a 67k-row prepare.
 tfds.disable_progress_bar()
@@ -73,8 +72,11 @@ def _as_str(value) -> str:
   return value.decode('utf-8') if isinstance(value, bytes) else str(value)
 
 
-def encode(sentences: Sequence[str], vocab: WordVocab, max_len: int) -> list[np.ndarray]:
-  return [vocab.encode(s, max_len) for s in sentences]
+def encode(sentences: Sequence[str], tokenizer, max_len: int) -> list[np.ndarray]:
+  """Token ids per sentence with a WordVocab or a WordPieceTokenizer (batched in Rust)."""
+  if hasattr(tokenizer, 'encode_batch'):
+    return tokenizer.encode_batch(sentences, max_len)
+  return [tokenizer.encode(s, max_len) for s in sentences]
 
 
 class BatchIterator:
@@ -173,6 +175,9 @@ class BatchIterator:
       'attention_mask': attention_mask,
       'labels': self.labels[rows],
       'weights': weights,
+      # Row numbers into the example list: how cached per-example data (teacher outputs)
+      # is looked up for a batch.
+      'index': rows.astype(np.int32),
     }
 
   # -- iteration ---------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -59,6 +60,11 @@ class WordVocab:
 
   def __eq__(self, other) -> bool:
     return isinstance(other, WordVocab) and self._tokens == other._tokens
+
+  @property
+  def fingerprint(self) -> str:
+    """Identifies the token list (cache keys); equal vocabularies share it."""
+    return hashlib.sha256('\n'.join(self._tokens).encode()).hexdigest()[:16]
 
   def token_id(self, word: str) -> int:
     return self._ids.get(word, UNK_ID)

@@ -35,6 +35,10 @@ class BertEmbeddings(nn.Module):
   dropout_rate: float
   layer_norm_eps: float
   dtype: Any = jnp.float32
+  # ALBERT-style factorised word embeddings: a [V, embedding_size] table and a
+  # [embedding_size, hidden] projection (0 = a full [V, hidden] table). With a 30k WordPiece
+  # vocabulary the table dominates a small model's size.
+  embedding_size: int = 0
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, deterministic: bool):
@@ -44,7 +48,23 @@ class BertEmbeddings(nn.Module):
     embed = lambda n, name: nn.Embed(
       n, self.hidden_size, embedding_init=_init, dtype=self.dtype, name=name
     )
-    words = embed(self.vocab_size, 'word_embeddings')(input_ids)
+    if self.embedding_size and self.embedding_size != self.hidden_size:
+      words = nn.Embed(
+        self.vocab_size,
+        self.embedding_size,
+        embedding_init=_init,
+        dtype=self.dtype,
+        name='word_embeddings',
+      )(input_ids)
+      words = nn.Dense(
+        self.hidden_size,
+        use_bias=False,
+        kernel_init=_init,
+        dtype=self.dtype,
+        name='word_projection',
+      )(words)
+    else:
+      words = embed(self.vocab_size, 'word_embeddings')(input_ids)
     # [1, L, D]: keeps ranks equal so it adds under jax_numpy_rank_promotion='raise'.
     positions = embed(self.max_len, 'position_embeddings')(jnp.arange(seq_len)[None, :])
     types = embed(self.type_vocab_size, 'token_type_embeddings')(token_type_ids)
@@ -117,6 +137,7 @@ class _BertBase(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   layer_norm_eps: float = 1e-12
+  embedding_size: int = 0  # < hidden_size: factorised word embeddings (see BertEmbeddings)
   dtype: Any = jnp.float32
 
   @nn.nowrap
@@ -137,6 +158,7 @@ class _BertBase(nn.Module):
       self.dropout_rate,
       self.layer_norm_eps,
       self.dtype,
+      self.embedding_size,
       name='embeddings',
     )(input_ids, token_type_ids, deterministic)
     out = {'embeddings': x, 'hidden_0': x}

@@ -1,0 +1,120 @@
+"""What the distillation stage trains on: the transfer set (gold training examples plus
+optional augmented copies) and the teacher's outputs for it, read from the teacher-output
+cache when enabled (`config.distill.teacher_cache`) or computed live in every step."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from kdjax import teacher_cache
+from kdjax.data import augment, pipeline
+
+# Augmented inputs have no gold label; the loss skips them in CE and accuracy.
+NO_LABEL = -1
+
+
+def default_cache_root() -> pathlib.Path:
+  base = pathlib.Path(os.environ.get('KDJAX_CACHE', '~/.cache/kdjax')).expanduser()
+  return base / 'teacher_outputs'
+
+
+def transfer_set(config, train_text, train_ids, train_labels, tokenizer):
+  """(token ids, labels) of the gold examples followed by their augmented copies."""
+  d = config.distill
+  if not d.augment_copies:
+    return train_ids, train_labels
+  extra = augment.augment(
+    train_text,
+    d.augment_copies,
+    seed=d.augment_seed,
+    mask_prob=d.augment_mask_prob,
+    replace_prob=d.augment_replace_prob,
+    ngram_prob=d.augment_ngram_prob,
+  )
+  extra_ids = pipeline.encode(extra, tokenizer, config.data.max_len)
+  print(f'distill: {len(extra)} augmented sentences added to {len(train_ids)}', flush=True)
+  labels = np.concatenate([train_labels, np.full(len(extra), NO_LABEL, np.int32)])
+  return list(train_ids) + list(extra_ids), labels
+
+
+def cached_teacher_logits(config, ids, tokenizer, teacher_dir, teacher_model, teacher_params):
+  """(logits [N, C] for every example of `ids`, cache info), or (None, info) when off."""
+  d = config.distill
+  if d.teacher_cache == 'off':
+    return None, {'mode': 'off'}
+  spec = {'kind': d.teacher_cache, 'k': d.cache_topk if d.teacher_cache == 'topk' else None}
+  key = teacher_cache.cache_key(
+    teacher_cache.directory_fingerprint(teacher_dir),
+    teacher_cache.ids_fingerprint(ids),
+    tokenizer.fingerprint,
+    spec,
+  )
+  cache = teacher_cache.TeacherCache(d.cache_dir or default_cache_root())
+  try:
+    arrays = cache.load(key)
+  except teacher_cache.CacheError as e:
+    print(f'teacher cache: {e}; recomputing the entry', flush=True)
+    arrays = None
+  info = {'mode': d.teacher_cache, 'entry': str(cache.entry(key)), 'hit': arrays is not None}
+  if arrays is None:
+    start = time.perf_counter()
+    logits_fn = jax.jit(
+      lambda p, b: teacher_model.apply({'params': p}, b['input_ids'], b['attention_mask'])
+    )
+    batches = pipeline.BatchIterator(
+      ids,
+      np.zeros(len(ids), np.int32),
+      config.train.eval_batch_size,
+      tuple(config.data.buckets),
+      seed=0,
+      shuffle=False,
+      drop_remainder=False,
+    )
+    outputs = teacher_cache.compute_outputs(
+      lambda b: jax.device_get(logits_fn(teacher_params, b)), batches.one_epoch(), len(ids), False
+    )
+    arrays = (
+      outputs
+      if d.teacher_cache == 'logits'
+      else teacher_cache.compress_topk(outputs['logits'], d.cache_topk)
+    )
+    cache.store(key, arrays, {'examples': len(ids), 'spec': spec})
+    info['compute_seconds'] = time.perf_counter() - start
+    print(
+      f'teacher cache: {len(ids)} examples in {info["compute_seconds"]:.0f}s -> {info["entry"]}',
+      flush=True,
+    )
+  else:
+    print(f'teacher cache: reusing {info["entry"]}', flush=True)
+  if d.teacher_cache == 'logits':
+    return arrays['logits'], info
+  dense = teacher_cache.expand_topk(
+    arrays['topk_values'], arrays['topk_indices'], arrays['lse_rest'], teacher_model.num_classes
+  )
+  return dense, info
+
+
+class WithTeacherLogits:
+  """A training iterator whose batches also carry the cached teacher logits of their rows."""
+
+  def __init__(self, batches: pipeline.BatchIterator, logits: np.ndarray):
+    self.batches, self.logits = batches, logits
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self.batches)
+    batch['teacher_logits'] = self.logits[batch['index']]
+    return batch
+
+  def get_state(self):
+    return self.batches.get_state()
+
+  def set_state(self, state) -> None:
+    self.batches.set_state(state)
