@@ -77,7 +77,7 @@ def main():
   start = time.perf_counter()
   logits_fn = step_lib.make_logits_fn(teacher)
   eval_batches = pipeline.BatchIterator(
-    ids, labels, 256, tuple(config.data.buckets), 0, False, False
+    ids, labels, 256, tuple(config.data.buckets), 0, False, False, sort_by_length=True
   )
   cached = teacher_cache.compute_outputs(
     lambda b: (jax.device_get(logits_fn(teacher_params, b)), {}),

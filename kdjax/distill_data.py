@@ -74,9 +74,13 @@ def cached_teacher_logits(config, ids, tokenizer, teacher_dir, teacher_model, te
       seed=0,
       shuffle=False,
       drop_remainder=False,
+      sort_by_length=True,
     )
     outputs = teacher_cache.compute_outputs(
-      lambda b: jax.device_get(logits_fn(teacher_params, b)), batches.one_epoch(), len(ids), False
+      lambda b: jax.device_get(logits_fn(teacher_params, b)),
+      _with_progress(batches.one_epoch(), batches.batches_per_epoch, start),
+      len(ids),
+      False,
     )
     arrays = (
       outputs
@@ -97,6 +101,20 @@ def cached_teacher_logits(config, ids, tokenizer, teacher_dir, teacher_model, te
     arrays['topk_values'], arrays['topk_indices'], arrays['lse_rest'], teacher_model.num_classes
   )
   return dense, info
+
+
+def _with_progress(batches, total: int, start: float):
+  """Passes batches through, printing progress about every tenth of the way: filling the
+  cache is a long teacher pass (minutes to tens of minutes on a CPU)."""
+  every = max(total // 10, 1)
+  for i, batch in enumerate(batches, start=1):
+    yield batch
+    if i % every == 0 or i == total:
+      elapsed = time.perf_counter() - start
+      print(
+        f'teacher cache: batch {i}/{total}, {elapsed:.0f}s, eta {elapsed * (total - i) / i:.0f}s',
+        flush=True,
+      )
 
 
 class WithTeacherLogits:

@@ -118,11 +118,22 @@ def test_topk_with_k_equal_classes_minus_one_is_lossless():
     teacher_cache.compress_topk(logits, 2)
 
 
-def test_compute_outputs_covers_every_example_in_order():
+@pytest.mark.parametrize('sort_by_length', [False, True])
+def test_compute_outputs_covers_every_example_in_order(sort_by_length):
   ids = _ids(23)
   batches = pipeline.BatchIterator(
-    ids, np.zeros(23, np.int32), 8, (8, 16, 32), seed=0, shuffle=False, drop_remainder=False
+    ids,
+    np.zeros(23, np.int32),
+    8,
+    (8, 16, 32),
+    seed=0,
+    shuffle=False,
+    drop_remainder=False,
+    sort_by_length=sort_by_length,
   )
+  if sort_by_length:  # shortest first, so each batch pads to its own bucket
+    lengths = [max(len(ids[i]) for i in b) for b in batches.epoch_batches(0)]
+    assert lengths == sorted(lengths)
   # A fake teacher whose logits encode the row's first token, so order errors show.
   forward = lambda b: (np.stack([b['input_ids'][:, 0], -b['input_ids'][:, 0]], -1), {})
   out = teacher_cache.compute_outputs(forward, batches.one_epoch(), 23, pooled=False)

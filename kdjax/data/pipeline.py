@@ -98,6 +98,7 @@ class BatchIterator:
     shuffle: bool,
     drop_remainder: bool,
     bucket_window: int = 50,
+    sort_by_length: bool = False,
   ):
     if len(token_ids) != len(labels):
       raise ValueError(f'{len(token_ids)} sequences but {len(labels)} labels')
@@ -111,6 +112,9 @@ class BatchIterator:
     self.buckets = tuple(int(b) for b in buckets)
     self.seed = seed
     self.shuffle = shuffle
+    # Unshuffled passes whose consumer reorders by batch['index'] (the teacher-output cache)
+    # can run shortest-first: each batch pads to its own bucket, not to its longest outlier.
+    self.sort_by_length = sort_by_length
     self.drop_remainder = drop_remainder
     self.bucket_window = bucket_window
     # Lengths after truncation to the largest bucket: what the batch actually holds.
@@ -131,7 +135,7 @@ class BatchIterator:
     """Example indices of each batch of `epoch`; a pure function of (seed, epoch)."""
     n, size = len(self.token_ids), self.batch_size
     if not self.shuffle:
-      order = np.arange(n)
+      order = np.argsort(self._lengths, kind='stable') if self.sort_by_length else np.arange(n)
       return [order[i : i + size] for i in range(0, self.batches_per_epoch * size, size)]
     rng = np.random.default_rng([self.seed, epoch])
     order = rng.permutation(n)
