@@ -115,24 +115,3 @@ def _with_progress(batches, total: int, start: float):
         f'teacher cache: batch {i}/{total}, {elapsed:.0f}s, eta {elapsed * (total - i) / i:.0f}s',
         flush=True,
       )
-
-
-class WithTeacherLogits:
-  """A training iterator whose batches also carry the cached teacher logits of their rows."""
-
-  def __init__(self, batches: pipeline.BatchIterator, logits: np.ndarray):
-    self.batches, self.logits = batches, logits
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    batch = next(self.batches)
-    batch['teacher_logits'] = self.logits[batch['index']]
-    return batch
-
-  def get_state(self):
-    return self.batches.get_state()
-
-  def set_state(self, state) -> None:
-    self.batches.set_state(state)

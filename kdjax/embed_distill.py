@@ -214,27 +214,6 @@ def parameter_counts(params) -> dict:
 # -- training --------------------------------------------------------------------------
 
 
-class WithTeacherEmbeddings:
-  """A BatchIterator whose batches also carry the teacher's embedding of each row."""
-
-  def __init__(self, batches: pipeline.BatchIterator, embeddings: np.ndarray):
-    self.batches, self.embeddings = batches, embeddings
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict:
-    batch = next(self.batches)
-    batch['teacher_embedding'] = self.embeddings[batch['index']]
-    return batch
-
-  def get_state(self) -> dict:
-    return self.batches.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self.batches.set_state(state)
-
-
 def split_frozen(params, freeze_word_embeddings: bool) -> tuple[dict, dict]:
   """(trainable, frozen): the word-embedding table moves to `frozen` if it is not trained."""
   if not freeze_word_embeddings:
@@ -396,7 +375,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   began = time.perf_counter()
   writer = report.MetricsWriter(workdir / 'metrics.jsonl')
   trainable, train_info = loop.train_stage(
-    spec, WithTeacherEmbeddings(batches, targets), workdir / STAGE, t, writer
+    spec, pipeline.WithRowData(batches, 'teacher_embedding', targets), workdir / STAGE, t, writer
   )
   train_seconds = time.perf_counter() - began
   params = merge_frozen(trainable, frozen)

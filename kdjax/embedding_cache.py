@@ -21,13 +21,9 @@ from typing import Callable
 import numpy as np
 
 from kdjax import report
+from kdjax.teacher_cache import file_sha256
 
 FORMAT_VERSION = 1
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  with open(path, 'rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 def checkpoint_fingerprint(folder: str | os.PathLike) -> str:

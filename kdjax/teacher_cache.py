@@ -34,7 +34,7 @@ class CacheError(RuntimeError):
   """A cache entry is unreadable or does not match its recorded checksum/key."""
 
 
-def _sha256_file(path: pathlib.Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
   digest = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -50,7 +50,7 @@ def directory_fingerprint(directory: pathlib.Path) -> str:
     rel = path.relative_to(directory).as_posix()
     if rel.startswith('cache/'):  # the cache may live inside the teacher's folder
       continue
-    digest.update(rel.encode() + b'\0' + _sha256_file(path).encode())
+    digest.update(rel.encode() + b'\0' + file_sha256(path).encode())
   return digest.hexdigest()
 
 
@@ -142,7 +142,7 @@ class TeacherCache:
       path = folder / f'{name}.npy'
       if not path.is_file():
         raise CacheError(f'{path}: missing from the cache entry')
-      actual = _sha256_file(path)
+      actual = file_sha256(path)
       if actual != recorded:
         raise CacheError(
           f'{path}: sha256 {actual[:12]}… does not match the recorded {recorded[:12]}…'
@@ -158,7 +158,7 @@ class TeacherCache:
     sums = {}
     for name, array in arrays.items():
       np.save(tmp / f'{name}.npy', np.ascontiguousarray(array), allow_pickle=False)
-      sums[name] = _sha256_file(tmp / f'{name}.npy')
+      sums[name] = file_sha256(tmp / f'{name}.npy')
     meta = {'key': key, 'format': FORMAT_VERSION, 'sha256': sums, **info}
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=2, sort_keys=True))
     final = self.entry(key)

@@ -220,7 +220,7 @@ def run_stage(
       teacher_params = frozen_params
       loss_fn = step_lib.distill_loss_fn(models['student'], teacher_model, config.loss)
     else:
-      batches = distill_data.WithTeacherLogits(batches, cached)
+      batches = pipeline.WithRowData(batches, 'teacher_logits', cached)
       loss_fn = step_lib.distill_loss_fn(models['student'], None, config.loss)
   elif name == 'online':
     loss_fn = step_lib.online_loss_fn(models['student'], models['teacher'], config.loss)

@@ -214,3 +214,26 @@ class BatchIterator:
         f'0 <= position < {self.batches_per_epoch}'
       )
     self._epoch, self._position = epoch, position
+
+
+class WithRowData:
+  """A training iterator whose batches also carry `array[batch['index']]` under `key`:
+  per-example data computed once (cached teacher logits or embeddings) joins each batch.
+  Its position is the wrapped iterator's, so checkpoints and resume are unchanged."""
+
+  def __init__(self, batches: BatchIterator, key: str, array: np.ndarray):
+    self.batches, self.key, self.array = batches, key, array
+
+  def __iter__(self) -> 'WithRowData':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self.batches)
+    batch[self.key] = self.array[batch['index']]
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return self.batches.get_state()
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self.batches.set_state(state)
