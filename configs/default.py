@@ -50,13 +50,49 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher_optim = optimizer(learning_rate=5e-4)
   c.student_optim = optimizer(learning_rate=2e-3)
 
-  # Distillation loss: hard_weight·CE(labels) + kd_weight·T²·KL(teacher_T ‖ student_T)
-  # + logit_mse_weight·MSE(logits). Weights are not renormalised.
+  # Distillation objective (kdjax/kd): a weighted sum of terms; weight 0 turns a term off.
+  # Weights are not renormalised. Terms that read hidden states or attention (hidden_mse and
+  # below) need the teacher live: distill.teacher_cache='off'.
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 2.0
-  c.loss.hard_weight = 0.5
-  c.loss.kd_weight = 0.5
-  c.loss.logit_mse_weight = 0.0
+  c.loss.weights = ml_collections.ConfigDict(
+    {
+      'ce': 0.5,  # cross-entropy on gold labels (label_smoothing applies)
+      'kl': 0.5,  # T²·KL(teacher_T ‖ student_T), Hinton et al. 2015
+      'reverse_kl': 0.0,  # T²·KL(student_T ‖ teacher_T)
+      'jsd': 0.0,  # T²·generalised Jensen–Shannon, mixture weight jsd_teacher_mix
+      'soft_ce': 0.0,  # T²·H(teacher_T, student_T)
+      'logit_mse': 0.0,  # mean squared logit difference (Ba & Caruana 2014)
+      'dkd': 0.0,  # decoupled KD (Zhao et al. 2022): dkd_alpha·TCKD + dkd_beta·NCKD
+      'hidden_mse': 0.0,  # FitNets/TinyBERT hidden-state MSE over layer_map pairs
+      'hidden_cosine': 0.0,  # DistilBERT cosine loss over layer_map pairs
+      'pkd': 0.0,  # Patient KD: normalised [CLS] distance over layer_map pairs
+      'attention_kl': 0.0,  # KL of attention probabilities over layer_map pairs
+      'attention_mse': 0.0,  # TinyBERT MSE of attention probabilities
+      'minilm': 0.0,  # MiniLM: last-layer attention + value-relation KL
+      'minilmv2': 0.0,  # MiniLMv2: query/key/value relation KL, minilm_relation_heads
+      'crd': 0.0,  # contrastive representation distillation on pooled vectors
+    }
+  )
+  # Any weight, and the temperature, may follow a schedule from its configured value:
+  # '' (constant), 'linear:END[:FROM:TO]', 'cosine:END[:FROM:TO]', 'step:S=V[,S=V...]'.
+  c.loss.schedules = ml_collections.ConfigDict(
+    {name: '' for name in ('temperature', *c.loss.weights.keys())}
+  )
+  c.loss.label_smoothing = 0.0  # of the gold-label CE
+  c.loss.jsd_teacher_mix = 0.5  # weight of the teacher's distribution in the JSD mixture
+  c.loss.dkd_alpha = 1.0  # DKD target-class term
+  c.loss.dkd_beta = 8.0  # DKD non-target-class term (the paper's default for CIFAR)
+  # Student/teacher hidden-state pairs for layer-wise terms; index 0 = embedding output.
+  # 'uniform' (student layer m <-> teacher layer m·N/M), 'last_k', 'explicit' (layer_pairs).
+  c.loss.layer_map = 'uniform'
+  c.loss.layer_map_last_k = 1
+  c.loss.layer_pairs = ()  # explicit: ((student_index, teacher_index), ...)
+  c.loss.minilm_teacher_layer = 0  # teacher layer for minilm/minilmv2 (0 = the last)
+  c.loss.minilm_relation_heads = 0  # minilmv2 relation heads (0 = teacher attention heads)
+  c.loss.crd_dim = 128  # shared embedding width of the CRD heads
+  c.loss.crd_temperature = 0.1
+  c.loss.crd_negatives = 'in_batch'
   # Online stage only: weight of the teacher's own T²·KL(student_T ‖ teacher_T) term
   # (0 = the teacher learns from labels alone; >0 = deep-mutual-learning style).
   c.loss.online_teacher_kd_weight = 0.0

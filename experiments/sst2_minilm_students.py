@@ -63,9 +63,9 @@ def get_config(arg: str = ''):
   config.distill.augment_copies = int(args.get('augment', 1))
   # Tang et al. (2019): matching the teacher's logits (MSE) transfers more than KL on a
   # 2-class task; a little gold-label CE keeps the student anchored on real examples.
-  config.loss.hard_weight = 0.3
-  config.loss.kd_weight = 0.0
-  config.loss.logit_mse_weight = 1.0
+  config.loss.weights.ce = 0.3
+  config.loss.weights.kl = 0.0
+  config.loss.weights.logit_mse = 1.0
   config.train.student_steps = 2000  # ~2 epochs of SST-2 alone, ~1 of SST-2 + augmented
   config.train.eval_every = 1000
   if student == 'bert':

@@ -189,16 +189,23 @@ def validate(config) -> None:
   for key in ('teacher_optim', 'student_optim'):
     _validate_optimizer(config[key], key)
 
-  loss = config.loss
-  _require(loss.temperature > 0, 'loss.temperature', loss.temperature, 'must be > 0')
-  for name in ('hard_weight', 'kd_weight', 'logit_mse_weight', 'online_teacher_kd_weight'):
-    _require(loss[name] >= 0, f'loss.{name}', loss[name], 'must be >= 0')
+  from kdjax.kd import objective
+
+  objective.validate(config.loss, lambda ok, key, value, valid: _require(ok, key, value, valid))
   _require(
-    loss.hard_weight + loss.kd_weight + loss.logit_mse_weight > 0,
-    'loss.kd_weight',
-    loss.kd_weight,
-    'hard_weight, kd_weight and logit_mse_weight cannot all be 0',
+    config.loss.online_teacher_kd_weight >= 0,
+    'loss.online_teacher_kd_weight',
+    config.loss.online_teacher_kd_weight,
+    'must be >= 0',
   )
+  if objective.needs_teacher_features(config.loss):
+    _require(
+      'distill' in stages and 'online' not in stages and config.distill.teacher_cache == 'off',
+      'loss.weights',
+      {k: v for k, v in config.loss.weights.items() if v},
+      "hidden-state, attention, relation and CRD terms need the teacher's features: only in "
+      "the distill stage (not online), with distill.teacher_cache='off'",
+    )
 
   dc = config.distill
   _require(

@@ -236,7 +236,8 @@ def make_loss_fn(student: se.SentenceEncoder, loss_cfg):
   # teacher's params). Here the teacher's embeddings come in the batch, so that slot carries
   # the student's frozen word-embedding table: no gradient, optimizer state or checkpoint
   # space is spent on it.
-  def loss_fn(trainable, frozen, batch, rng):
+  def loss_fn(trainable, frozen, batch, rng, step):
+    del step  # constant weights: embedding distillation has no schedules
     embeddings = student.apply(
       {'params': merge_frozen(trainable, frozen)},
       batch['input_ids'],

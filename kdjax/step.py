@@ -3,6 +3,8 @@
 Every train step has one signature, `step(state, teacher_params, batch) -> (state, metrics)`:
 the frozen teacher's parameters are a separate, non-donated argument, so the optimizer never
 sees them and they are never written back. `metrics` maps names to (sum, count) pairs.
+Every loss function is `loss_fn(params, teacher_params, batch, rng, step)`; the step number
+drives the objective's temperature and weight schedules.
 """
 
 from typing import Any, Callable, Mapping
@@ -14,6 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from kdjax import losses
+from kdjax.kd import objective as kd_objective
+from kdjax.kd import output as kd_output
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -44,76 +48,79 @@ def _apply(model: nn.Module, params, batch: Batch, rng, train: bool):
 
 
 def supervised_loss_fn(model: nn.Module) -> LossFn:
-  def loss_fn(params, teacher_params, batch, rng):
-    del teacher_params
+  def loss_fn(params, teacher_params, batch, rng, step):
+    del teacher_params, step
     logits, _ = _apply(model, params, batch, rng, train=True)
     return losses.supervised_loss(logits, batch['labels'], batch['weights'])
 
   return loss_fn
 
 
-def distill_loss_fn(student: nn.Module, teacher: nn.Module | None, loss_cfg: Mapping) -> LossFn:
+def distill_loss_fn(
+  student: nn.Module, teacher: nn.Module | None, objective: kd_objective.Objective
+) -> LossFn:
   """Student trained against a frozen teacher run in inference mode (no dropout).
 
   With `teacher=None` the teacher's logits come precomputed in `batch['teacher_logits']`
-  (the teacher-output cache) and the teacher never runs. Examples with label -1 (augmented,
-  teacher-labelled inputs) count in the teacher terms but not in CE or accuracy.
+  (the teacher-output cache) and the teacher never runs. When the objective has learned
+  heads (projections, CRD), params = {'student': ..., 'kd_heads': ...}.
   """
+  with_heads = bool(objective.head_shapes)
 
-  def loss_fn(params, teacher_params, batch, rng):
-    if teacher is None:
-      teacher_logits = batch['teacher_logits']
-    else:
-      teacher_logits, _ = _apply(teacher, teacher_params, batch, None, train=False)
-    # stop_gradient makes the freeze explicit in the graph, not only in the optimizer.
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
-    student_logits, _ = _apply(student, params, batch, rng, train=True)
-    labels = batch['labels']
-    label_weights = batch['weights'] * (labels >= 0)
-    return losses.distillation_loss(
-      student_logits,
-      teacher_logits,
-      jnp.maximum(labels, 0),
-      batch['weights'],
-      loss_cfg,
-      label_weights=label_weights,
+  def loss_fn(params, teacher_params, batch, rng, step):
+    student_params, head_params = (
+      (params['student'], params['kd_heads'])
+      if with_heads
+      else (
+        params,
+        {},
+      )
     )
+    if teacher is None:
+      teacher_out = (batch['teacher_logits'], {})
+    else:
+      teacher_out = _apply(teacher, teacher_params, batch, None, train=False)
+    # stop_gradient makes the freeze explicit in the graph, not only in the optimizer.
+    teacher_out = jax.lax.stop_gradient(teacher_out)
+    student_out = _apply(student, student_params, batch, rng, train=True)
+    return objective(step, student_out, teacher_out, batch, head_params)
 
   return loss_fn
 
 
-def online_loss_fn(student: nn.Module, teacher: nn.Module, loss_cfg: Mapping) -> LossFn:
+def online_loss_fn(
+  student: nn.Module,
+  teacher: nn.Module,
+  objective: kd_objective.Objective,
+  teacher_kd_weight: float,
+) -> LossFn:
   """Teacher and student trained together; params = {'teacher': ..., 'student': ...}.
 
-  The teacher learns from the labels (plus, if online_teacher_kd_weight > 0, from the
-  student as in deep mutual learning); the student learns from labels and the teacher.
+  The teacher learns from the labels (plus, if teacher_kd_weight > 0, from the student as
+  in deep mutual learning); the student learns from the objective against the teacher.
   Each soft target is stop-gradiented so a KD term only moves the model it trains.
   """
 
-  def loss_fn(params, teacher_params, batch, rng):
+  def loss_fn(params, teacher_params, batch, rng, step):
     del teacher_params
     t_rng, s_rng = jax.random.split(rng)
     teacher_logits, _ = _apply(teacher, params['teacher'], batch, t_rng, train=True)
-    student_logits, _ = _apply(student, params['student'], batch, s_rng, train=True)
+    student_out = _apply(student, params['student'], batch, s_rng, train=True)
     teacher_loss, teacher_metrics = losses.supervised_loss(
       teacher_logits, batch['labels'], batch['weights']
     )
-    student_loss, metrics = losses.distillation_loss(
-      student_logits,
-      jax.lax.stop_gradient(teacher_logits),
-      batch['labels'],
-      batch['weights'],
-      loss_cfg,
+    student_loss, metrics = objective(
+      step, student_out, (jax.lax.stop_gradient(teacher_logits), {}), batch
     )
     mutual = losses.mean(
-      losses.kl_teacher_student(
+      kd_output.forward_kl(
         teacher_logits,
-        jax.lax.stop_gradient(student_logits),
-        loss_cfg['temperature'],
+        jax.lax.stop_gradient(student_out[0]),
+        metrics['schedule/temperature'][0],
         batch['weights'],
       )
     )
-    total = student_loss + teacher_loss + loss_cfg['online_teacher_kd_weight'] * mutual
+    total = student_loss + teacher_loss + teacher_kd_weight * mutual
     metrics['teacher_ce'] = teacher_metrics['ce']
     metrics['teacher_accuracy'] = teacher_metrics['accuracy']
     metrics['loss'] = (total * metrics['ce'][1], metrics['ce'][1])
@@ -127,7 +134,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
     # fold_in ties dropout noise to the step number, so a resumed run draws the same masks.
     rng = jax.random.fold_in(state.rng, state.step)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, teacher_params, batch, rng
+      state.params, teacher_params, batch, rng, state.step
     )
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

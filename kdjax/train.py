@@ -18,6 +18,7 @@ from kdjax import checkpoint, distill_data, evaluate, loop, optim, report
 from kdjax import config as config_lib
 from kdjax import step as step_lib
 from kdjax.data import pipeline, text
+from kdjax.kd import objective as kd_objective
 from kdjax.models import from_teacher, hf_bert, registry
 
 NUM_CLASSES = 2
@@ -25,6 +26,7 @@ NUM_CLASSES = 2
 # same initial weights, so the comparison isolates the effect of distillation.
 ROLE_SEEDS = {'teacher': 1, 'student': 2}
 STAGE_SEEDS = {'teacher': 11, 'student_alone': 12, 'online': 13, 'distill': 14}
+KD_HEADS_SEED = 15
 STAGE_ROLES = {
   'teacher': ('teacher',),
   'student_alone': ('student',),
@@ -184,6 +186,33 @@ def initial_params(config, role: str, model, key, workdir: pathlib.Path):
   return params
 
 
+def _objective(loss_cfg, steps: int, student_shapes=None, teacher_shapes=None):
+  """The configured distillation objective; model mismatches become one-line ConfigErrors."""
+  try:
+    if student_shapes is None:
+      return kd_objective.logits_only(loss_cfg, steps)
+    return kd_objective.build(loss_cfg, steps, student_shapes, teacher_shapes)
+  except kd_objective.ObjectiveError as e:
+    raise config_lib.ConfigError(str(e)) from None
+
+
+def _check_objective(config, vocab_size: int) -> None:
+  """Distillation terms that cannot apply to these two models fail before any stage runs."""
+  if 'distill' not in config.stages:
+    return
+  if config.teacher.path:
+    teacher_spec = checkpoint.read_export_spec(config_lib.teacher_export_dir(config.teacher.path))
+  else:
+    teacher_spec = model_spec(config, 'teacher', vocab_size)
+  student = build(model_spec(config, 'student', vocab_size))
+  _objective(
+    config.loss,
+    config.train.student_steps,
+    registry.output_shapes(student),
+    registry.output_shapes(build(teacher_spec)),
+  )
+
+
 def run_stage(
   name: str, config, data: TaskData, workdir: pathlib.Path, writer: report.MetricsWriter
 ) -> dict:
@@ -202,13 +231,20 @@ def run_stage(
   make_eval = eval_batches(config, data.eval_ids, data.eval_labels)
   logits_fns = {role: step_lib.make_logits_fn(m) for role, m in models.items()}
 
-  teacher_params, frozen, cache_info = None, None, None
+  steps = config.train.teacher_steps if name == 'teacher' else config.train.student_steps
+  teacher_params, frozen, cache_info, objective = None, None, None, None
   batches = train_batches(config, data.train_ids, data.train_labels)
   if name == 'distill':
     teacher_model, frozen_params, teacher_spec, teacher_dir = _load_teacher(
       config, workdir, data.tokenizer
     )
     frozen = (step_lib.make_logits_fn(teacher_model), frozen_params)
+    objective = _objective(
+      config.loss,
+      steps,
+      registry.output_shapes(models['student']),
+      registry.output_shapes(teacher_model),
+    )
     ids, labels = distill_data.transfer_set(
       config, data.train_text, data.train_ids, data.train_labels, data.tokenizer
     )
@@ -218,23 +254,32 @@ def run_stage(
     )
     if cached is None:  # the teacher runs inside every step
       teacher_params = frozen_params
-      loss_fn = step_lib.distill_loss_fn(models['student'], teacher_model, config.loss)
+      loss_fn = step_lib.distill_loss_fn(models['student'], teacher_model, objective)
     else:
       batches = pipeline.WithRowData(batches, 'teacher_logits', cached)
-      loss_fn = step_lib.distill_loss_fn(models['student'], None, config.loss)
+      loss_fn = step_lib.distill_loss_fn(models['student'], None, objective)
   elif name == 'online':
-    loss_fn = step_lib.online_loss_fn(models['student'], models['teacher'], config.loss)
+    objective = _objective(config.loss, steps)
+    loss_fn = step_lib.online_loss_fn(
+      models['student'], models['teacher'], objective, config.loss.online_teacher_kd_weight
+    )
   else:
     loss_fn = step_lib.supervised_loss_fn(models[STAGE_ROLES[name][0]])
 
-  steps = config.train.teacher_steps if name == 'teacher' else config.train.student_steps
   txs = {role: optim.make_optimizer(config[f'{role}_optim'], steps) for role in models}
   schedule = optim.learning_rate_schedule(config[f'{STAGE_ROLES[name][-1]}_optim'], steps)
   joint = len(models) > 1
   params = init if joint else init[STAGE_ROLES[name][0]]
   tx = optim.make_joint_optimizer(txs) if joint else txs[STAGE_ROLES[name][0]]
+  with_heads = objective is not None and bool(objective.head_shapes)
+  if with_heads:
+    # Projection/CRD heads train with the student, under its optimizer, and are not exported.
+    heads_key = jax.random.fold_in(key, KD_HEADS_SEED)
+    params = {'student': params, 'kd_heads': objective.init_heads(heads_key)}
 
   def as_roles(p):
+    if with_heads:
+      return {'student': p['student']}
     return p if joint else {STAGE_ROLES[name][0]: p}
 
   def periodic_eval(p):
@@ -306,6 +351,7 @@ def run(config, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   _check_config(config, workdir)
   data = prepare_data(config, workdir)
+  _check_objective(config, len(data.tokenizer))
   print(
     f'data: {len(data.train_ids)} train / {len(data.eval_ids)} {config.data.eval_split} '
     f'examples, vocabulary {len(data.tokenizer)}; devices: {jax.devices()}',

@@ -57,7 +57,7 @@ def test_default_schema_validates():
   'key, value, fragment',
   [
     ('loss.temperature', 0.0, 'config.loss.temperature=0.0 is invalid: must be > 0'),
-    ('loss.kd_weight', -1.0, 'config.loss.kd_weight=-1.0 is invalid: must be >= 0'),
+    ('loss.weights.kl', -1.0, 'config.loss.weights.kl=-1.0 is invalid: a number >= 0'),
     ('data.buckets', (16, 8, 64), 'config.data.buckets=(16, 8, 64) is invalid'),
     ('data.eval_split', 'test', 'test has no labels'),
     ('train.checkpoint_every', 7, 'must be a multiple of train.log_every=50'),

@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from kdjax import checkpoint
@@ -130,3 +131,49 @@ def test_predict_uses_the_final_student(uninterrupted, tmp_path):
     label, p0, p1, _ = line.split('\t')
     assert abs(float(p0) + float(p1) - 1.0) < 1e-5
     assert int(label) == int(float(p1) > float(p0))
+
+
+def _average(workdir, output, steps):
+  return subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'kdjax.average',
+      f'--workdir={workdir}',
+      '--stage=distill',
+      f'--steps={steps}',
+      f'--output={output}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_checkpoint_average_is_the_mean_of_the_saved_params(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  proc = _average(workdir, tmp_path / 'avg', '10,20')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  # Reference: each checkpoint read with orbax directly, averaged in NumPy.
+  saved = [
+    ocp.StandardCheckpointer().restore(workdir / 'distill' / 'checkpoints' / s / 'state')['params']
+    for s in ('10', '20')
+  ]
+  want = jax.tree_util.tree_map(lambda a, b: (np.asarray(a) + np.asarray(b)) / 2, *saved)
+  got = checkpoint.load_export_params(tmp_path / 'avg')
+  jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6), got, want)
+  report = json.loads((tmp_path / 'avg' / 'average.json').read_text())
+  assert set(report['eval_accuracy']) == {'10', '20', 'average'}
+  # The step-20 checkpoint is the final model: its accuracy is the run's own.
+  results = json.loads((workdir / 'results.json').read_text())
+  final = results['stages']['distill']['models']['student']['eval_accuracy']
+  assert report['eval_accuracy']['20'] == final
+  assert 'validation accuracy average:' in proc.stdout
+
+
+def test_checkpoint_average_names_missing_steps(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  proc = _average(workdir, tmp_path / 'avg', '5,20')
+  assert proc.returncode == 2
+  assert 'no checkpoint' in proc.stderr and 'kept steps: 10, 20' in proc.stderr

@@ -10,6 +10,7 @@ from configs import default
 from configs import models as presets
 from kdjax import optim
 from kdjax import step as step_lib
+from kdjax.kd import objective as kd_objective
 from kdjax.models import registry
 
 VOCAB = 50
@@ -47,18 +48,19 @@ def _copy(tree):
 
 
 @pytest.fixture(scope='module')
-def loss_cfg():
-  return default.get_config().loss
+def objective():
+  # The logit-level objective of the default config (CE + KL).
+  return kd_objective.logits_only(default.get_config().loss, 10)
 
 
-def test_distill_step_changes_student_and_never_the_teacher(loss_cfg):
+def test_distill_step_changes_student_and_never_the_teacher(objective):
   student, teacher = _model('bilstm_small'), _model('bert_tiny')
   s_params = registry.init_params(student, jax.random.PRNGKey(0))
   t_params = registry.init_params(teacher, jax.random.PRNGKey(1))
   t_before, s_before = _copy(t_params), _copy(s_params)
   tx = optim.make_optimizer(default.get_config().student_optim, 10)
   state = step_lib.create_state(s_params, tx, jax.random.PRNGKey(2))
-  train_step = step_lib.make_train_step(step_lib.distill_loss_fn(student, teacher, loss_cfg), tx)
+  train_step = step_lib.make_train_step(step_lib.distill_loss_fn(student, teacher, objective), tx)
   for i in range(3):
     state, metrics = train_step(state, t_params, _batch(i))
   assert int(state.step) == 3
@@ -69,16 +71,18 @@ def test_distill_step_changes_student_and_never_the_teacher(loss_cfg):
   assert jax.tree_util.tree_structure(state.params) == jax.tree_util.tree_structure(s_before)
 
 
-def test_frozen_teacher_gets_no_gradient(loss_cfg):
+def test_frozen_teacher_gets_no_gradient(objective):
   student, teacher = _model('cnn_small'), _model('bert_tiny')
   s_params = registry.init_params(student, jax.random.PRNGKey(0))
   t_params = registry.init_params(teacher, jax.random.PRNGKey(1))
-  loss_fn = step_lib.distill_loss_fn(student, teacher, loss_cfg)
-  t_grads = jax.grad(lambda tp: loss_fn(s_params, tp, _batch(), jax.random.PRNGKey(0))[0])(t_params)
+  loss_fn = step_lib.distill_loss_fn(student, teacher, objective)
+  t_grads = jax.grad(
+    lambda tp: loss_fn(s_params, tp, _batch(), jax.random.PRNGKey(0), jnp.zeros((), jnp.int32))[0]
+  )(t_params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(t_grads))
 
 
-def test_online_step_trains_teacher_and_student(loss_cfg):
+def test_online_step_trains_teacher_and_student(objective):
   student, teacher = _model('cnn_small'), _model('bert_tiny')
   params = {
     'teacher': registry.init_params(teacher, jax.random.PRNGKey(1)),
@@ -93,7 +97,9 @@ def test_online_step_trains_teacher_and_student(loss_cfg):
     }
   )
   state = step_lib.create_state(params, tx, jax.random.PRNGKey(2))
-  train_step = step_lib.make_train_step(step_lib.online_loss_fn(student, teacher, loss_cfg), tx)
+  train_step = step_lib.make_train_step(
+    step_lib.online_loss_fn(student, teacher, objective, 0.5), tx
+  )
   for i in range(2):
     state, metrics = train_step(state, None, _batch(i))
   assert not _tree_equal(state.params['teacher'], before['teacher'])

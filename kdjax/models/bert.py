@@ -6,7 +6,10 @@ rename and transpose:
   layer_{i}/attention/{query,key,value,output}, layer_{i}/attention_layer_norm,
   layer_{i}/intermediate, layer_{i}/output, layer_{i}/output_layer_norm,
   pooler, classifier
-`layer_{i}` is 0-based like HF; its output is `hidden_{i+1}` and its attention `attn_{i+1}`.
+`layer_{i}` is 0-based like HF; its output is `hidden_{i+1}`, its attention probabilities
+`attn_{i+1}` [B, H, L, L] and its query/key/value projections `query_{i+1}`, `key_{i+1}`,
+`value_{i+1}` [B, L, D] (before the head split, so relation losses choose their own head count).
+Unused outputs cost nothing under jit: XLA drops what the loss does not read.
 """
 
 import math
@@ -83,19 +86,20 @@ class BertSelfAttention(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array]:
+  def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array, Dict[str, Array]]:
     batch, seq_len, _ = x.shape
     head_dim = self.hidden_size // self.num_heads
     dense = lambda name: nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name=name)
+    projections = {n: dense(n)(x) for n in ('query', 'key', 'value')}
     split = lambda t: t.reshape(batch, seq_len, self.num_heads, head_dim)
-    q, k, v = (split(dense(n)(x)) for n in ('query', 'key', 'value'))
+    q, k, v = (split(projections[n]) for n in ('query', 'key', 'value'))
     # Scores and softmax in float32 so bf16 runs keep masked keys at exactly 0.
     scores = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
     probs = nn.softmax(scores / math.sqrt(head_dim) + bias, axis=-1)
     dropped = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=deterministic)
     context = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
     context = context.reshape(batch, seq_len, self.hidden_size)
-    return dense('output')(context), probs
+    return dense('output')(context), probs, projections
 
 
 class BertLayer(nn.Module):
@@ -108,10 +112,10 @@ class BertLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array]:
+  def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array, Dict[str, Array]]:
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     dropout = lambda t: nn.Dropout(self.dropout_rate)(t, deterministic=deterministic)
-    attended, probs = BertSelfAttention(
+    attended, probs, projections = BertSelfAttention(
       self.hidden_size, self.num_heads, self.attention_dropout_rate, self.dtype, name='attention'
     )(x, bias, deterministic)
     x = norm('attention_layer_norm')(x + dropout(attended))
@@ -120,7 +124,7 @@ class BertLayer(nn.Module):
     )
     h = nn.gelu(h, approximate=False)  # HF 'gelu' is the exact erf form
     h = nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name='output')(h)
-    return norm('output_layer_norm')(x + dropout(h)), probs
+    return norm('output_layer_norm')(x + dropout(h)), probs, projections
 
 
 class _BertBase(nn.Module):
@@ -164,7 +168,7 @@ class _BertBase(nn.Module):
     out = {'embeddings': x, 'hidden_0': x}
     bias = attention_bias(attention_mask)
     for i in range(self.num_layers):
-      x, probs = BertLayer(
+      x, probs, projections = BertLayer(
         self.hidden_size,
         self.num_heads,
         self.intermediate_size,
@@ -176,6 +180,8 @@ class _BertBase(nn.Module):
       )(x, bias, deterministic)
       out[f'hidden_{i + 1}'] = x
       out[f'attn_{i + 1}'] = probs
+      for name, value in projections.items():
+        out[f'{name}_{i + 1}'] = value
     return x, out
 
 

@@ -61,6 +61,18 @@ def init_params(model: nn.Module, rng: jax.Array, batch_size: int = 2, seq_len: 
   return init(rng, input_ids, attention_mask)
 
 
+def output_shapes(model: nn.Module, batch_size: int = 2, seq_len: int = 16) -> Dict[str, tuple]:
+  """Shapes of `logits` and of every `out` entry, without running the model (eval_shape)."""
+  input_ids = jnp.full((batch_size, seq_len), 2, dtype=jnp.int32)
+  attention_mask = jnp.ones((batch_size, seq_len), dtype=jnp.int32)
+  (logits, out), _ = jax.eval_shape(
+    lambda: model.init_with_output(
+      {'params': jax.random.PRNGKey(0)}, input_ids, attention_mask, deterministic=True
+    )
+  )
+  return {'logits': logits.shape, **{k: v.shape for k, v in out.items()}}
+
+
 def count_params(params: Any) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
