@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import app, flags, logging
 
 from kdjax import checkpoint, evaluate, train
 from kdjax import step as step_lib
@@ -50,8 +50,9 @@ def average(trees: list):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   try:
-    workdir = pathlib.Path(_WORKDIR.value)
+    workdir = pathlib.Path(_WORKDIR.value).absolute()
     stage_dir = workdir / _STAGE.value
     export_dir = next((stage_dir / 'export').iterdir())  # the stage's single trained role
     spec = checkpoint.read_export_spec(export_dir)
