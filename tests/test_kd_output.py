@@ -425,7 +425,7 @@ def test_soft_cross_entropy_equals_kl_plus_teacher_entropy():
     jnp.asarray(np.random.RandomState(6).randn(6, 4) * 3),
   )
   w, temp = jnp.ones(6), 2.5
-  p = np.exp(_log_softmax(np.asarray(t_, np.float64) / temp))
+  p = np.stack([np.exp(_log_softmax(row)) for row in np.asarray(t_, np.float64) / temp])
   entropy = -(p * np.log(p)).sum() * temp**2
   ce = float(output.soft_cross_entropy(s, t_, temp, w)[0])
   kl = float(output.forward_kl(s, t_, temp, w)[0])

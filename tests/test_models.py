@@ -69,6 +69,8 @@ def expected_shapes(name, batch, seq_len):
       shapes[f'hidden_{i}'] = (batch, seq_len, d)
     for i in range(1, cfg['num_layers'] + 1):
       shapes[f'attn_{i}'] = (batch, h, seq_len, seq_len)
+      for projection in ('query', 'key', 'value'):
+        shapes[f'{projection}_{i}'] = (batch, seq_len, d)
   elif name == 'bilstm':
     d = 2 * cfg['hidden_size']
     shapes = {'embeddings': (batch, seq_len, cfg['embed_dim']), 'pooled': (batch, d)}

@@ -12,6 +12,7 @@ from configs import models as presets
 from kdjax import optim, teacher_cache
 from kdjax import step as step_lib
 from kdjax.data import augment, pipeline
+from kdjax.kd import objective as kd_objective
 from kdjax.models import registry
 
 VOCAB = 50
@@ -154,8 +155,9 @@ def test_cached_logits_step_equals_live_teacher_step():
   cached = np.zeros((16, 2), np.float32)
   cached[batch['index']] = np.asarray(logits_fn(t_params, batch))
   tx = optim.make_optimizer(cfg.student_optim, 10)
-  live_step = step_lib.make_train_step(step_lib.distill_loss_fn(student, teacher, cfg.loss), tx)
-  cached_step = step_lib.make_train_step(step_lib.distill_loss_fn(student, None, cfg.loss), tx)
+  objective = kd_objective.logits_only(cfg.loss, 10)
+  live_step = step_lib.make_train_step(step_lib.distill_loss_fn(student, teacher, objective), tx)
+  cached_step = step_lib.make_train_step(step_lib.distill_loss_fn(student, None, objective), tx)
   fresh = lambda: step_lib.create_state(
     jax.tree_util.tree_map(np.array, s_params), tx, jax.random.PRNGKey(2)
   )
@@ -172,15 +174,15 @@ def test_cached_logits_step_equals_live_teacher_step():
 def test_unlabelled_examples_count_only_in_teacher_terms():
   student = _model('cnn_small')
   params = registry.init_params(student, jax.random.PRNGKey(0))
-  cfg = default.get_config().loss
+  objective = kd_objective.logits_only(default.get_config().loss, 10)
   ids = _ids(8)
   batch = next(
     pipeline.BatchIterator(ids, np.zeros(8, np.int32), 8, (32,), 0, False, False).one_epoch()
   )
   batch['teacher_logits'] = np.random.default_rng(0).normal(size=(8, 2)).astype(np.float32)
   batch['labels'] = np.array([0, 1, -1, -1, 0, -1, 1, -1], np.int32)
-  loss_fn = step_lib.distill_loss_fn(student, None, cfg)
-  _, metrics = loss_fn(params, None, batch, jax.random.PRNGKey(0))
+  loss_fn = step_lib.distill_loss_fn(student, None, objective)
+  _, metrics = loss_fn(params, None, batch, jax.random.PRNGKey(0), 0)
   assert float(metrics['ce'][1]) == 4.0 and float(metrics['accuracy'][1]) == 4.0
   assert float(metrics['kl_T'][1]) == 8.0 and float(metrics['loss'][1]) == 8.0
 
