@@ -13,7 +13,6 @@ averaged checkpoint is printed, so the gain is measured rather than assumed.
 
 import json
 import pathlib
-import sys
 
 import jax
 import ml_collections
@@ -23,7 +22,7 @@ from absl import app, flags, logging
 
 from kdjax import checkpoint, evaluate, train
 from kdjax import step as step_lib
-from kdjax.cli import USER_ERRORS
+from kdjax.cli import exit_on_user_errors
 from kdjax.data import text
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory holding the stage.')
@@ -51,7 +50,7 @@ def average(trees: list):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  try:
+  with exit_on_user_errors():
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     stage_dir = workdir / _STAGE.value
     export_dir = next((stage_dir / 'export').iterdir())  # the stage's single trained role
@@ -75,9 +74,6 @@ def main(argv):
     (output / 'average.json').write_text(
       json.dumps({'source': str(stage_dir), 'steps': steps, 'eval_accuracy': accuracy}, indent=2)
     )
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == '__main__':

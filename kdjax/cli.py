@@ -1,9 +1,11 @@
 """Shared command-line plumbing: one-line errors with exit code 2 instead of tracebacks."""
 
+import contextlib
 import os
 import sys
+from typing import Any, Callable
 
-from absl import flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kdjax import checkpoint, loop
@@ -42,3 +44,37 @@ def _one_line(message: str) -> str:
     # Keep what failed (before the traceback) and why (the exception, last line).
     lines = lines[:start] + [lines[start].replace(marker, ''), lines[-1]]
   return ' '.join(' '.join(lines).replace("'", '').replace('\\', '').split())
+
+
+@contextlib.contextmanager
+def exit_on_user_errors():
+  """Expected failures (bad config, data, checkpoint; divergence) end as one line, exit 2."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run_config_main(run: Callable[[Any, str], Any]) -> None:
+  """`python -m <module> --config=<file>[:args] --workdir=DIR` for a `run(config, workdir)`.
+
+  The flags are defined here, when a module is run, not at import, so two entry-point modules
+  can be imported side by side without their flag names clashing.
+  """
+  config_flag = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file.', lock_config=True
+  )
+  workdir_flag = flags.DEFINE_string(
+    'workdir', None, 'Run directory (created; resumed if present).'
+  )
+  flags.mark_flags_as_required(['config', 'workdir'])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    with exit_on_user_errors():
+      run(config_flag.value, workdir_flag.value)
+
+  app.run(main, flags_parser=parse_flags)

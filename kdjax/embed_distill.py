@@ -13,19 +13,16 @@ from __future__ import annotations
 
 import json
 import pathlib
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
 from kdjax import checkpoint, embedding_cache, loop, optim, report
 from kdjax import config as config_lib
 from kdjax import sentence_embed as se
-from kdjax.cli import USER_ERRORS, parse_flags
+from kdjax.cli import run_config_main
 from kdjax.data import corpus as corpus_lib
 from kdjax.data import pipeline, stsb, wordpiece
 from kdjax.models import bert, from_teacher, hf_bert
@@ -430,29 +427,5 @@ def _print_summary(results: dict) -> None:
 # -- command line ----------------------------------------------------------------------
 
 
-def main() -> None:
-  # Flags are defined here, not at import, so importing this module next to kdjax.main (which
-  # defines the same names) does not clash.
-  config_flag = config_flags.DEFINE_config_file(
-    'config', None, 'Experiment config file.', lock_config=True
-  )
-  workdir_flag = flags.DEFINE_string(
-    'workdir', None, 'Run directory (created; resumed if present).'
-  )
-  flags.mark_flags_as_required(['config', 'workdir'])
-
-  def run_from_flags(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    try:
-      run(config_flag.value, workdir_flag.value)
-    except USER_ERRORS as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-
-  app.run(run_from_flags, flags_parser=parse_flags)
-
-
 if __name__ == '__main__':
-  main()
+  run_config_main(run)

@@ -5,31 +5,8 @@ locked, so an override naming a key the schema lacks is an error. Config files a
 and run as code when loaded: only use config files you trust.
 """
 
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 from kdjax import train
-from kdjax.cli import USER_ERRORS, parse_flags
-
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', None, 'Experiment config file.', lock_config=True
-)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (created; resumed if present).')
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    train.run(_CONFIG.value, _WORKDIR.value)
-  except USER_ERRORS as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-
+from kdjax.cli import run_config_main
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  run_config_main(train.run)

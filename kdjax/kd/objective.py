@@ -206,9 +206,7 @@ class Objective:
     if 'dkd' in active:
       parts = output.dkd_terms(s_logits, t_logits, labels, temperature, label_weights)
       m['dkd_tckd'], m['dkd_nckd'] = parts['tckd'], parts['nckd']
-      term['dkd'] = m['dkd'] = output.dkd(
-        s_logits, t_logits, labels, temperature, label_weights, cfg['dkd_alpha'], cfg['dkd_beta']
-      )
+      term['dkd'] = m['dkd'] = output.combine_dkd(parts, cfg['dkd_alpha'], cfg['dkd_beta'])
     hidden = lambda out, i: out[_hidden_key(i)]
     if 'hidden_mse' in active:
       term['hidden_mse'] = m['hidden_mse'] = _sum(

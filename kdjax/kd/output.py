@@ -224,6 +224,11 @@ def dkd(
   KD, whose NCKD weight is (1 − p_y) instead.
   """
   terms = dkd_terms(student_logits, teacher_logits, labels, temperature, weights)
+  return combine_dkd(terms, alpha, beta)
+
+
+def combine_dkd(terms: dict[str, Metric], alpha: Scalar, beta: Scalar) -> Metric:
+  """alpha · TCKD + beta · NCKD from `dkd_terms` (for callers that also log the parts)."""
   (tckd, count), (nckd, _) = terms['tckd'], terms['nckd']
   alpha = jnp.asarray(alpha, jnp.float32)
   beta = jnp.asarray(beta, jnp.float32)
