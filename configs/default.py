@@ -14,7 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.name = 'default'  # experiment name, copied into results.json and report.md
   c.seed = 0  # seeds parameter init, dropout and data order
   # Stages run in this order; each resumes on its own. Valid: teacher, student_alone,
-  # online (teacher and student trained jointly), distill (student from the frozen teacher).
+  # online (teacher and student trained jointly), distill (student from the frozen teacher),
+  # assistant (the assistant distilled from the teacher; a later distill learns from it),
+  # mutual (mutual.num_students students trained jointly by deep mutual learning).
   c.stages = ('teacher', 'student_alone', 'online', 'distill')
 
   c.data = ml_collections.ConfigDict()
@@ -46,9 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
   # the teacher layer each student layer copies; () = evenly spaced).
   c.teacher = models.bert_small()
   c.student = models.bilstm_small()
+  # Teacher-assistant chains (Mirzadeh et al. 2020): the 'assistant' stage distills this
+  # model from the teacher; when it precedes 'distill', the student learns from it instead.
+  # init_from='teacher' / init_layers work as for the student.
+  c.assistant = models.bert_tiny()
 
   c.teacher_optim = optimizer(learning_rate=5e-4)
   c.student_optim = optimizer(learning_rate=2e-3)
+  c.assistant_optim = optimizer(learning_rate=5e-4)  # the assistant stage (a BERT by default)
 
   # Distillation objective (kdjax/kd): a weighted sum of terms; weight 0 turns a term off.
   # Weights are not renormalised. Terms that read hidden states or attention (hidden_mse and
@@ -112,11 +119,34 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.augment_mask_prob = 0.1
   c.distill.augment_replace_prob = 0.1
   c.distill.augment_ngram_prob = 0.25
+  # Multi-teacher distillation: exports or run workdirs of more trained teachers (same rules
+  # as teacher.path, same tokenizer), joining the configured teacher wherever it teaches:
+  # the assistant stage, and distill unless an assistant runs before it (generations >= 2
+  # learn from the previous generation alone).
+  c.distill.extra_teachers = ()
+  # How several teachers combine: 'average_probs' (the soft target is the weighted mean of
+  # the teachers' softmax(z/T); logit terms except logit_mse) or 'sum_losses' (the weighted
+  # mean of the objective against each teacher; any terms).
+  c.distill.multi_teacher = 'average_probs'
+  # One weight >= 0 per teacher, the configured one first; () = equal. Normalised to sum 1.
+  c.distill.teacher_weights = ()
+  # Born-again networks (Furlanello et al. 2018): N > 1 repeats the distill stage N times in
+  # distill, distill_gen2, ..., each generation learning from the previous one's student.
+  c.distill.generations = 1
+
+  # Deep mutual learning (Zhang et al. 2018), the 'mutual' stage: num_students copies of
+  # config.student from different initial weights (student.init_from, if set, still loads
+  # into every copy), each trained on CE + kd_weight · the mean over its peers of
+  # T²·KL(peer_T ‖ self_T) at T = temperature (the paper uses 1).
+  c.mutual = ml_collections.ConfigDict()
+  c.mutual.num_students = 2
+  c.mutual.kd_weight = 1.0
+  c.mutual.temperature = 1.0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
   c.train.teacher_steps = 1500  # steps of the teacher stage (and of the teacher in 'online')
-  c.train.student_steps = 1500  # steps of student_alone, online and distill
+  c.train.student_steps = 1500  # steps of student_alone, online, distill, assistant and mutual
   c.train.log_every = 50  # steps between progress lines / metrics.jsonl records
   c.train.eval_every = 500  # steps between dev evaluations (0 = only at the end)
   c.train.checkpoint_every = 250  # steps between checkpoints; a multiple of log_every

@@ -6,7 +6,10 @@ from typing import Mapping
 
 from kdjax import optim
 
-STAGES = ('teacher', 'student_alone', 'online', 'distill')
+STAGES = ('teacher', 'student_alone', 'online', 'distill', 'assistant', 'mutual')
+MULTI_TEACHER = ('average_probs', 'sum_losses')
+# Terms that only read softmax(z/T) of the teacher, so a mixture of teachers can stand in.
+MIXTURE_TERMS = ('ce', 'kl', 'reverse_kl', 'jsd', 'soft_ce', 'dkd')
 EVAL_SPLITS = ('train', 'validation')  # the GLUE test split has no labels
 
 
@@ -121,21 +124,22 @@ def validate(config) -> None:
     f'a non-empty tuple drawn from {", ".join(STAGES)}',
   )
   _require(len(set(stages)) == len(stages), 'stages', stages, 'each stage at most once')
-  if 'distill' in stages and config.teacher.path:
-    export = teacher_export_dir(config.teacher.path)
-    _require(
-      (export / 'model.json').is_file(),
-      'teacher.path',
-      config.teacher.path,
-      f'no trained teacher found (looked for {export}/model.json)',
-    )
-  elif 'distill' in stages:
-    _require(
-      'teacher' in stages and stages.index('teacher') < stages.index('distill'),
-      'stages',
-      stages,
-      "'distill' needs a teacher: run 'teacher' before it or set config.teacher.path",
-    )
+  for stage in ('assistant', 'distill'):
+    if stage in stages and config.teacher.path:
+      export = teacher_export_dir(config.teacher.path)
+      _require(
+        (export / 'model.json').is_file(),
+        'teacher.path',
+        config.teacher.path,
+        f'no trained teacher found (looked for {export}/model.json)',
+      )
+    elif stage in stages:
+      _require(
+        'teacher' in stages and stages.index('teacher') < stages.index(stage),
+        'stages',
+        stages,
+        f"'{stage}' needs a teacher: run 'teacher' before it or set config.teacher.path",
+      )
 
   d = config.data
   _require(bool(d.name), 'data.name', d.name, "'sst2_local' or a prepared tfds dataset name")
@@ -169,14 +173,15 @@ def validate(config) -> None:
     d.tokenizer,
     f'one of {", ".join(text.TOKENIZERS)}',
   )
-  for role in ('teacher', 'student'):
+  for role in ('teacher', 'student', 'assistant'):
     _validate_model(config, role)
     if config[role].init_from == 'teacher':
       _require(
-        role == 'student' and (bool(config.teacher.path) or stages[:1] == ('teacher',)),
+        role != 'teacher' and (bool(config.teacher.path) or stages[:1] == ('teacher',)),
         f'{role}.init_from',
         'teacher',
-        "students only, with config.teacher.path set or 'teacher' as the first stage",
+        "students and the assistant only, with config.teacher.path set or 'teacher' as the "
+        'first stage',
       )
     elif config[role].init_from:
       _validate_init_from(config, role)
@@ -186,7 +191,7 @@ def validate(config) -> None:
       tuple(config[role].init_layers),
       "only used with init_from='teacher'; leave it () otherwise",
     )
-  for key in ('teacher_optim', 'student_optim'):
+  for key in ('teacher_optim', 'student_optim', 'assistant_optim'):
     _validate_optimizer(config[key], key)
 
   from kdjax.kd import objective
@@ -200,11 +205,13 @@ def validate(config) -> None:
   )
   if objective.needs_teacher_features(config.loss):
     _require(
-      'distill' in stages and 'online' not in stages and config.distill.teacher_cache == 'off',
+      ('distill' in stages or 'assistant' in stages)
+      and 'online' not in stages
+      and config.distill.teacher_cache == 'off',
       'loss.weights',
       {k: v for k, v in config.loss.weights.items() if v},
       "hidden-state, attention, relation and CRD terms need the teacher's features: only in "
-      "the distill stage (not online), with distill.teacher_cache='off'",
+      "the distill or assistant stage (not online), with distill.teacher_cache='off'",
     )
 
   dc = config.distill
@@ -224,6 +231,7 @@ def validate(config) -> None:
     dc.augment_replace_prob,
     f'augment_mask_prob + augment_replace_prob must be <= 1 (mask is {dc.augment_mask_prob})',
   )
+  _validate_strategies(config, stages)
 
   t = config.train
   for name in (
@@ -243,3 +251,76 @@ def validate(config) -> None:
     t.checkpoint_every,
     f'must be a multiple of train.log_every={t.log_every}',
   )
+
+
+def _validate_strategies(config, stages: tuple) -> None:
+  """Multi-teacher, born-again generations and deep mutual learning (kdjax/strategies.py)."""
+  from kdjax.kd import objective
+
+  dc = config.distill
+  extra = tuple(dc.extra_teachers)
+  _require(
+    not extra or 'distill' in stages or 'assistant' in stages,
+    'distill.extra_teachers',
+    extra,
+    "only used by the 'distill' or 'assistant' stage; leave it () otherwise",
+  )
+  for i, path in enumerate(extra):
+    export = teacher_export_dir(path)
+    _require(
+      bool(path) and (export / 'model.json').is_file(),
+      f'distill.extra_teachers[{i}]',
+      path,
+      f'no trained teacher found (looked for {export}/model.json)',
+    )
+  _require(
+    dc.multi_teacher in MULTI_TEACHER,
+    'distill.multi_teacher',
+    dc.multi_teacher,
+    f'one of {", ".join(MULTI_TEACHER)}',
+  )
+  weights = tuple(dc.teacher_weights)
+  _require(
+    not weights or len(weights) == 1 + len(extra),
+    'distill.teacher_weights',
+    weights,
+    f'one weight per teacher: {1 + len(extra)} (teacher + {len(extra)} extra), or () = equal',
+  )
+  _require(
+    all(isinstance(w, (int, float)) and w >= 0 for w in weights)
+    and (not weights or sum(weights) > 0),
+    'distill.teacher_weights',
+    weights,
+    'numbers >= 0 with a sum > 0',
+  )
+  if extra and dc.multi_teacher == 'average_probs':
+    # A mixture of probabilities has no logits of its own: only terms of softmax(z/T) apply.
+    unfit = [t for t in objective.active_terms(config.loss) if t not in MIXTURE_TERMS]
+    _require(
+      not unfit,
+      'distill.multi_teacher',
+      dc.multi_teacher,
+      f'loss.weights.{unfit[0] if unfit else ""} cannot use a mixture of teacher '
+      f"probabilities (only {', '.join(MIXTURE_TERMS)}); use 'sum_losses'",
+    )
+  _require(
+    isinstance(dc.generations, int) and dc.generations >= 1,
+    'distill.generations',
+    dc.generations,
+    'an integer >= 1 (1 = one distill stage)',
+  )
+  _require(
+    dc.generations == 1 or 'distill' in stages,
+    'distill.generations',
+    dc.generations,
+    "repeats the 'distill' stage, which config.stages does not run; use 1",
+  )
+  m = config.mutual
+  _require(
+    isinstance(m.num_students, int) and m.num_students >= 2,
+    'mutual.num_students',
+    m.num_students,
+    'an integer >= 2 (students learn from each other)',
+  )
+  _require(m.kd_weight >= 0, 'mutual.kd_weight', m.kd_weight, 'must be >= 0')
+  _require(m.temperature > 0, 'mutual.temperature', m.temperature, 'must be > 0')

@@ -59,8 +59,8 @@ def train_stage(
   interval_start = time.perf_counter()
   for step in range(int(state.step) + 1, spec.steps + 1):
     batch = next(batches)
-    shape = batch['input_ids'].shape
-    # The first batch of each bucket length compiles; keep it out of the throughput.
+    shape = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
+    # The first batch of each new input shape compiles; keep it out of the throughput.
     interval_compiled |= shape not in compiled_shapes
     compiled_shapes.add(shape)
     state, metrics = train_step(state, spec.teacher_params, batch)

@@ -53,7 +53,28 @@ def summary(stages: dict) -> dict:
   }
   if out['distilled_student_accuracy'] is not None and out['student_alone_accuracy'] is not None:
     out['distillation_gain'] = out['distilled_student_accuracy'] - out['student_alone_accuracy']
+  # Strategy figures appear only when their stage ran; each is one number (sweeps average
+  # every summary figure).
+  if 'assistant' in stages:
+    out['assistant_accuracy'] = acc('assistant', 'assistant')
+  for stage in ('assistant', 'distill'):
+    if 'teacher_ensemble' in stages.get(stage, {}):
+      out['teacher_ensemble_accuracy'] = stages[stage]['teacher_ensemble']['eval_accuracy']
+  if 'mutual' in stages:
+    out['mutual_mean_accuracy'] = stages['mutual']['mutual']['mean_eval_accuracy']
+    out['mutual_ensemble_accuracy'] = stages['mutual']['mutual']['ensemble_eval_accuracy']
+  generations = _generations(stages)
+  if generations:
+    for stage, accuracy in zip(generations['stages'][1:], generations['eval_accuracy'][1:]):
+      out[f'{stage}_student_accuracy'] = accuracy
+    out['generation_ensemble_accuracy'] = generations['ensemble_eval_accuracy']
   return out
+
+
+def _generations(stages: dict) -> dict | None:
+  """The born-again figures of the last generation (they cover every earlier one)."""
+  last = [s for s in stages if s.startswith('distill_gen')]
+  return stages[last[-1]]['generations'] if last else None
 
 
 def format_table(stages: dict) -> str:
@@ -63,7 +84,7 @@ def format_table(stages: dict) -> str:
   ]
   for stage, result in stages.items():
     for role, m in result['models'].items():
-      agree = result.get('agreement') if role == 'student' else None
+      agree = result.get('agreement') if role in ('student', 'assistant') else None
       lines.append(
         f'| {stage} | {role} ({m["model"]}) | {m["params"]:,} | '
         f'{_pct(m["eval_accuracy"])} | {_pct(agree)} | '
@@ -91,6 +112,26 @@ def write_report(path: str | os.PathLike, results: dict) -> None:
       f'{100 * s["distillation_gain"]:+.2f} points '
       f'({_pct(s["student_alone_accuracy"])} alone → '
       f'{_pct(s["distilled_student_accuracy"])} distilled).'
+    )
+  if 'teacher_ensemble_accuracy' in s:
+    lines.append(
+      f"The teachers' averaged-probability ensemble: {_pct(s['teacher_ensemble_accuracy'])} "
+      'dev accuracy.'
+    )
+  if 'mutual' in stages:
+    m = stages['mutual']['mutual']
+    lines.append(
+      f'Deep mutual learning: {len(m["eval_accuracy"])} students, '
+      + ', '.join(_pct(a) for a in m['eval_accuracy'])
+      + f' (mean {_pct(m["mean_eval_accuracy"])}); '
+      f'their ensemble {_pct(m["ensemble_eval_accuracy"])}.'
+    )
+  generations = _generations(stages)
+  if generations:
+    lines.append(
+      'Born-again generations: '
+      + ' → '.join(_pct(a) for a in generations['eval_accuracy'])
+      + f'; ensemble of all generations {_pct(generations["ensemble_eval_accuracy"])}.'
     )
   for stage, result in stages.items():
     lines.append(

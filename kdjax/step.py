@@ -7,7 +7,7 @@ Every loss function is `loss_fn(params, teacher_params, batch, rng, step)`; the 
 drives the objective's temperature and weight schedules.
 """
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from kdjax import losses
+from kdjax.kd import ensemble as kd_ensemble
 from kdjax.kd import objective as kd_objective
 from kdjax.kd import output as kd_output
 
@@ -84,6 +85,84 @@ def distill_loss_fn(
     teacher_out = jax.lax.stop_gradient(teacher_out)
     student_out = _apply(student, student_params, batch, rng, train=True)
     return objective(step, student_out, teacher_out, batch, head_params)
+
+  return loss_fn
+
+
+def multi_teacher_loss_fn(
+  student: nn.Module,
+  teachers: Sequence[nn.Module] | None,
+  objectives: Sequence[kd_objective.Objective],
+  mode: str,
+  teacher_weights: Sequence[float],
+) -> LossFn:
+  """Student trained against K frozen teachers; `teacher_params` is a tuple of K params.
+
+  With `teachers=None` the teachers' logits come cached in `batch['teacher_logits']`
+  [B, K, C]. `teacher_weights` sum to 1. 'average_probs': one objective against the
+  pseudo-logits of the weighted mixture of the teachers' softmax(z/T) (see
+  kd.ensemble.mixture_logits). 'sum_losses': Σ_k w_k · objective_k(student, teacher_k),
+  one objective per teacher (each built for that teacher's outputs); metrics are weighted
+  the same way. Because the weights sum to 1 the teacher-free CE term, identical in every
+  objective_k, enters once with its configured weight, not K times. Learned heads of
+  objective k live in params['kd_heads']['teacher_<k>'] (with one teacher, this is
+  distill_loss_fn: heads in params['kd_heads']).
+  """
+  num = len(teacher_weights)
+  weights = tuple(float(w) for w in teacher_weights)
+  with_heads = any(o.head_shapes for o in objectives)
+
+  def loss_fn(params, teacher_params, batch, rng, step):
+    student_params, head_params = (
+      (params['student'], params['kd_heads']) if with_heads else (params, {})
+    )
+    if teachers is None:
+      outs = [(batch['teacher_logits'][:, k], {}) for k in range(num)]
+    else:
+      outs = [_apply(t, p, batch, None, train=False) for t, p in zip(teachers, teacher_params)]
+    outs = jax.lax.stop_gradient(outs)
+    student_out = _apply(student, student_params, batch, rng, train=True)
+    if num == 1:  # one teacher is its own mixture and its own sum: the single-teacher loss
+      return objectives[0](step, student_out, outs[0], batch, head_params)
+    s_logits, w = student_out[0], batch['weights']
+    temperature = objectives[0].temperature(step)
+    if mode == 'average_probs':
+      stacked = jnp.stack([o[0] for o in outs], axis=1)
+      target = kd_ensemble.mixture_logits(stacked, weights, temperature)
+      loss, metrics = objectives[0](step, student_out, (target, {}), batch)
+      # The pseudo-logits are tied to T: KL at T = 1 is taken to the T = 1 mixture.
+      at_one = kd_ensemble.mixture_logits(stacked, weights, 1.0)
+      metrics['kl_T1'] = kd_output.forward_kl(s_logits, at_one, 1.0, w)
+    else:
+      parts = [
+        objective(step, student_out, out, batch, head_params.get(f'teacher_{k}', {}))
+        for k, (objective, out) in enumerate(zip(objectives, outs))
+      ]
+      loss = sum(wk * part[0] for wk, part in zip(weights, parts))
+      metrics = {
+        name: (sum(wk * part[1][name][0] for wk, part in zip(weights, parts)), value[1])
+        for name, value in parts[0][1].items()
+      }
+    for k, out in enumerate(outs):
+      metrics[f'teacher_{k}/kl_T'] = kd_output.forward_kl(s_logits, out[0], temperature, w)
+      metrics[f'teacher_{k}/agreement'] = losses.agreement(s_logits, out[0], w)
+    return loss, metrics
+
+  return loss_fn
+
+
+def mutual_loss_fn(model: nn.Module, num_students: int, kd_weight: float, temperature: float):
+  """Deep mutual learning: params = {'student_0': ..., 'student_<n-1>': ...}, one model
+  class, each copy with its own dropout noise (kd.ensemble.mutual_learning)."""
+  names = [f'student_{i}' for i in range(num_students)]
+
+  def loss_fn(params, teacher_params, batch, rng, step):
+    del teacher_params, step
+    rngs = jax.random.split(rng, num_students)
+    logits = [_apply(model, params[n], batch, r, train=True)[0] for n, r in zip(names, rngs)]
+    return kd_ensemble.mutual_learning(
+      logits, batch['labels'], batch['weights'], temperature, kd_weight
+    )
 
   return loss_fn
 

@@ -1,4 +1,6 @@
-"""Orchestration of a run: data → models → stages (teacher, student, online, distill) → report.
+"""Orchestration of a run: data → models → stages (teacher, student, online, distill,
+assistant, mutual) → report. Multi-teacher, born-again and teacher-assistant strategies are
+resolved in strategies.py.
 
 Each stage lives in `workdir/<stage>/` with its own checkpoints, export and result.json; a
 finished stage is read back, an unfinished one resumes from its newest checkpoint, so the
@@ -14,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from kdjax import checkpoint, distill_data, evaluate, loop, optim, report
+from kdjax import checkpoint, distill_data, evaluate, loop, optim, report, strategies
 from kdjax import config as config_lib
 from kdjax import step as step_lib
 from kdjax.data import pipeline, text
@@ -24,15 +26,26 @@ from kdjax.models import from_teacher, hf_bert, registry
 NUM_CLASSES = 2
 # Fixed sub-seeds per role: the student of 'student_alone' and of 'distill' start from the
 # same initial weights, so the comparison isolates the effect of distillation.
-ROLE_SEEDS = {'teacher': 1, 'student': 2}
-STAGE_SEEDS = {'teacher': 11, 'student_alone': 12, 'online': 13, 'distill': 14}
+ROLE_SEEDS = {'teacher': 1, 'student': 2, 'assistant': 3}
+STAGE_SEEDS = {
+  'teacher': 11,
+  'student_alone': 12,
+  'online': 13,
+  'distill': 14,
+  'assistant': 16,
+  'mutual': 17,
+}
 KD_HEADS_SEED = 15
+# The config roles a stage trains ('distill_gen<g>' stages train what 'distill' does).
 STAGE_ROLES = {
   'teacher': ('teacher',),
   'student_alone': ('student',),
   'online': ('teacher', 'student'),
   'distill': ('student',),
+  'assistant': ('assistant',),
+  'mutual': ('student',),
 }
+DISTILLING = ('distill', 'assistant')  # stages that learn from frozen teachers
 
 
 @dataclasses.dataclass
@@ -123,7 +136,7 @@ def _check_config(config, workdir: pathlib.Path) -> None:
   path = workdir / 'config.json'
   current = json.loads(config.to_json_best_effort())
   if path.exists():
-    saved = json.loads(path.read_text())
+    saved = _with_new_defaults(json.loads(path.read_text()), current)
     if saved != current:
       diff = _first_difference(saved, current)
       raise config_lib.ConfigError(
@@ -134,6 +147,25 @@ def _check_config(config, workdir: pathlib.Path) -> None:
     report.write_json(path, current)
 
 
+def _with_new_defaults(saved: dict, current: dict) -> dict:
+  """`saved` plus the keys the schema gained since it was written, where the current run
+  keeps their defaults: a workdir stays resumable when kdjax adds an option it did not use."""
+  from configs import default  # the schema; only needed when a workdir is resumed
+
+  defaults = json.loads(default.get_config().to_json_best_effort())
+
+  def fill(s, c, d):
+    if not (isinstance(s, dict) and isinstance(c, dict) and isinstance(d, dict)):
+      return s
+    out = {k: fill(v, c.get(k), d.get(k)) for k, v in s.items()}
+    for k in set(c) - set(s):
+      if k in d and c[k] == d[k]:
+        out[k] = c[k]
+    return out
+
+  return fill(saved, current, defaults)
+
+
 def _first_difference(a, b, prefix='config') -> str:
   if isinstance(a, dict) and isinstance(b, dict):
     for key in sorted(set(a) | set(b)):
@@ -142,20 +174,21 @@ def _first_difference(a, b, prefix='config') -> str:
   return f'{prefix} was {a!r}, now {b!r}'
 
 
-def _teacher_dir(config, workdir: pathlib.Path) -> pathlib.Path:
-  if config.teacher.path:
-    return config_lib.teacher_export_dir(config.teacher.path)
-  return workdir / 'teacher' / 'export' / 'teacher'
-
-
-def _load_teacher(config, workdir: pathlib.Path, tokenizer: text.Tokenizer):
-  export_dir = _teacher_dir(config, workdir)
+def _load_teacher(source: strategies.TeacherSource, tokenizer: text.Tokenizer):
+  export_dir = source.export_dir
   if text.load_tokenizer(export_dir) != tokenizer:
     raise config_lib.ConfigError(
-      f'config.teacher.path={config.teacher.path!r}: the teacher was trained with another '
+      f'{source.name}: the teacher was trained with another '
       f'tokenizer ({export_dir}); distill with the same data settings or retrain it'
     )
   return (*load_exported_model(export_dir), export_dir)
+
+
+def stage_members(config, name: str) -> dict[str, str]:
+  """{name a stage's trained model is exported under: its config role}."""
+  if name == 'mutual':
+    return {f'student_{i}': 'student' for i in range(config.mutual.num_students)}
+  return {role: role for role in STAGE_ROLES[strategies.base_stage(name)]}
 
 
 def initial_params(config, role: str, model, key, workdir: pathlib.Path):
@@ -164,7 +197,7 @@ def initial_params(config, role: str, model, key, workdir: pathlib.Path):
   params = registry.init_params(model, jax.random.fold_in(key, ROLE_SEEDS[role]))
   source = config[role].init_from
   if source == 'teacher':
-    teacher_dir = _teacher_dir(config, workdir)
+    teacher_dir = strategies.teacher_dir(config, workdir)
     params, info = from_teacher.student_from_teacher(
       config[role].model,
       checkpoint.load_export_params(teacher_dir),
@@ -196,21 +229,33 @@ def _objective(loss_cfg, steps: int, student_shapes=None, teacher_shapes=None):
     raise config_lib.ConfigError(str(e)) from None
 
 
-def _check_objective(config, vocab_size: int) -> None:
-  """Distillation terms that cannot apply to these two models fail before any stage runs."""
-  if 'distill' not in config.stages:
-    return
-  if config.teacher.path:
-    teacher_spec = checkpoint.read_export_spec(config_lib.teacher_export_dir(config.teacher.path))
-  else:
-    teacher_spec = model_spec(config, 'teacher', vocab_size)
-  student = build(model_spec(config, 'student', vocab_size))
-  _objective(
-    config.loss,
-    config.train.student_steps,
-    registry.output_shapes(student),
-    registry.output_shapes(build(teacher_spec)),
-  )
+def _objectives(config, steps: int, learner, teachers: list) -> list:
+  """One objective per teacher for 'sum_losses', else one (a mixture of several teachers
+  only has logits, and validate() allowed only logit terms for it)."""
+  per_teacher = len(teachers) > 1 and config.distill.multi_teacher == 'sum_losses'
+  shapes = registry.output_shapes(learner)
+  return [
+    _objective(config.loss, steps, shapes, registry.output_shapes(t))
+    for t in (teachers if per_teacher else teachers[:1])
+  ]
+
+
+def _check_objective(config, workdir: pathlib.Path, vocab_size: int) -> None:
+  """Distillation terms that cannot apply to these models fail before any stage runs."""
+  for name in strategies.stage_names(config):
+    if strategies.base_stage(name) not in DISTILLING:
+      continue
+    (learner,) = STAGE_ROLES[strategies.base_stage(name)]
+    teachers = [
+      build(
+        model_spec(config, s.role, vocab_size)
+        if s.role
+        else checkpoint.read_export_spec(s.export_dir)
+      )
+      for s in strategies.teacher_sources(config, workdir, name)
+    ]
+    learner_model = build(model_spec(config, learner, vocab_size))
+    _objectives(config, config.train.student_steps, learner_model, teachers)
 
 
 def run_stage(
@@ -225,78 +270,110 @@ def run_stage(
   start = time.perf_counter()
   key = jax.random.PRNGKey(config.seed)
   vocab_size = len(data.tokenizer)
-  specs = {role: model_spec(config, role, vocab_size) for role in STAGE_ROLES[name]}
-  models = {role: build(spec) for role, spec in specs.items()}
-  init = {role: initial_params(config, role, m, key, workdir) for role, m in models.items()}
+  base = strategies.base_stage(name)
+  members = stage_members(config, name)
+  specs = {m: model_spec(config, role, vocab_size) for m, role in members.items()}
+  # Members of one role (mutual students) share a module and its compiled functions.
+  role_models = {role: build(model_spec(config, role, vocab_size)) for role in STAGE_ROLES[base]}
+  role_logits_fns = {role: step_lib.make_logits_fn(m) for role, m in role_models.items()}
+  models = {m: role_models[role] for m, role in members.items()}
+  logits_fns = {m: role_logits_fns[role] for m, role in members.items()}
+  init = {
+    m: initial_params(config, role, models[m], strategies.init_key(key, name, m), workdir)
+    for m, role in members.items()
+  }
   make_eval = eval_batches(config, data.eval_ids, data.eval_labels)
-  logits_fns = {role: step_lib.make_logits_fn(m) for role, m in models.items()}
 
   steps = config.train.teacher_steps if name == 'teacher' else config.train.student_steps
-  teacher_params, frozen, cache_info, objective = None, None, None, None
+  teacher_params, teachers, cache_infos, objectives = None, [], [], []
   batches = train_batches(config, data.train_ids, data.train_labels)
-  if name == 'distill':
-    teacher_model, frozen_params, teacher_spec, teacher_dir = _load_teacher(
-      config, workdir, data.tokenizer
-    )
-    frozen = (step_lib.make_logits_fn(teacher_model), frozen_params)
-    objective = _objective(
-      config.loss,
-      steps,
-      registry.output_shapes(models['student']),
-      registry.output_shapes(teacher_model),
-    )
+  if base in DISTILLING:
+    (learner,) = members
+    sources = strategies.teacher_sources(config, workdir, name)
+    teachers = [_load_teacher(s, data.tokenizer) for s in sources]
+    teacher_models = [t[0] for t in teachers]
+    weights = strategies.teacher_weights(config, len(teachers))
+    objectives = _objectives(config, steps, models[learner], teacher_models)
     ids, labels = distill_data.transfer_set(
       config, data.train_text, data.train_ids, data.train_labels, data.tokenizer
     )
     batches = train_batches(config, ids, labels)
-    cached, cache_info = distill_data.cached_teacher_logits(
-      config, ids, data.tokenizer, teacher_dir, teacher_model, frozen_params
-    )
-    if cached is None:  # the teacher runs inside every step
-      teacher_params = frozen_params
-      loss_fn = step_lib.distill_loss_fn(models['student'], teacher_model, objective)
+    cached = []
+    for t_model, t_params, _, t_dir in teachers:
+      t_logits, info = distill_data.cached_teacher_logits(
+        config, ids, data.tokenizer, t_dir, t_model, t_params
+      )
+      cached.append(t_logits)
+      cache_infos.append(info)
+    if cached[0] is None:  # the teachers run inside every step
+      teacher_params = teachers[0][1] if len(teachers) == 1 else tuple(t[1] for t in teachers)
     else:
-      batches = pipeline.WithRowData(batches, 'teacher_logits', cached)
-      loss_fn = step_lib.distill_loss_fn(models['student'], None, objective)
-  elif name == 'online':
-    objective = _objective(config.loss, steps)
+      # One teacher: [N, C] rows, as before; several: stacked [N, K, C].
+      rows = cached[0] if len(teachers) == 1 else np.stack(cached, axis=1)
+      batches = pipeline.WithRowData(batches, 'teacher_logits', rows)
+      teacher_models = None
+    if len(teachers) == 1:
+      teacher = None if teacher_models is None else teacher_models[0]
+      loss_fn = step_lib.distill_loss_fn(models[learner], teacher, objectives[0])
+    else:
+      loss_fn = step_lib.multi_teacher_loss_fn(
+        models[learner], teacher_models, objectives, config.distill.multi_teacher, weights
+      )
+  elif base == 'online':
+    objectives = [_objective(config.loss, steps)]
     loss_fn = step_lib.online_loss_fn(
-      models['student'], models['teacher'], objective, config.loss.online_teacher_kd_weight
+      models['student'], models['teacher'], objectives[0], config.loss.online_teacher_kd_weight
+    )
+  elif base == 'mutual':
+    mc = config.mutual
+    loss_fn = step_lib.mutual_loss_fn(
+      role_models['student'], mc.num_students, mc.kd_weight, mc.temperature
     )
   else:
-    loss_fn = step_lib.supervised_loss_fn(models[STAGE_ROLES[name][0]])
+    loss_fn = step_lib.supervised_loss_fn(role_models[STAGE_ROLES[base][0]])
 
-  txs = {role: optim.make_optimizer(config[f'{role}_optim'], steps) for role in models}
-  schedule = optim.learning_rate_schedule(config[f'{STAGE_ROLES[name][-1]}_optim'], steps)
-  joint = len(models) > 1
-  params = init if joint else init[STAGE_ROLES[name][0]]
-  tx = optim.make_joint_optimizer(txs) if joint else txs[STAGE_ROLES[name][0]]
-  with_heads = objective is not None and bool(objective.head_shapes)
+  txs = {m: optim.make_optimizer(config[f'{role}_optim'], steps) for m, role in members.items()}
+  schedule = optim.learning_rate_schedule(config[f'{STAGE_ROLES[base][-1]}_optim'], steps)
+  joint = len(members) > 1
+  (only,) = members if not joint else (None,)
+  params = init if joint else init[only]
+  tx = optim.make_joint_optimizer(txs) if joint else txs[only]
+  with_heads = any(o.head_shapes for o in objectives)
   if with_heads:
-    # Projection/CRD heads train with the student, under its optimizer, and are not exported.
+    # Projection/CRD heads train with the learner, under its optimizer, and are not exported.
     heads_key = jax.random.fold_in(key, KD_HEADS_SEED)
-    params = {'student': params, 'kd_heads': objective.init_heads(heads_key)}
+    if len(teachers) > 1:  # multi_teacher_loss_fn: objective k's heads under teacher_<k>
+      heads = {
+        f'teacher_{k}': o.init_heads(jax.random.fold_in(heads_key, k))
+        for k, o in enumerate(objectives)
+      }
+    else:
+      heads = objectives[0].init_heads(heads_key)
+    params = {'student': params, 'kd_heads': heads}
 
-  def as_roles(p):
+  def as_members(p):
     if with_heads:
-      return {'student': p['student']}
-    return p if joint else {STAGE_ROLES[name][0]: p}
+      return {only: p['student']}
+    return p if joint else {only: p}
 
   def periodic_eval(p):
     return {
-      f'{role}_accuracy': evaluate.accuracy(
-        evaluate.predict_logits(logits_fns[role], rp, make_eval()), data.eval_labels
+      f'{m}_accuracy': evaluate.accuracy(
+        evaluate.predict_logits(logits_fns[m], mp, make_eval()), data.eval_labels
       )
-      for role, rp in as_roles(p).items()
+      for m, mp in as_members(p).items()
     }
 
+  rng = jax.random.fold_in(key, STAGE_SEEDS[base])
+  if strategies.generation(name) > 1:
+    rng = jax.random.fold_in(rng, strategies.generation(name))
   spec = loop.StageSpec(
     name=name,
     loss_fn=loss_fn,
     tx=tx,
     schedule=schedule,
     params=params,
-    rng=jax.random.fold_in(key, STAGE_SEEDS[name]),
+    rng=rng,
     steps=steps,
     teacher_params=teacher_params,
     evaluate=periodic_eval,
@@ -309,28 +386,34 @@ def run_stage(
     'models': {},
   }
   logits = {}
-  for role, p in as_roles(trained).items():
-    logits[role], eval_rate = evaluate.timed_logits(logits_fns[role], p, make_eval)
-    result['models'][role] = {
-      'model': specs[role]['model'],
-      'eval_accuracy': evaluate.accuracy(logits[role], data.eval_labels),
+  for m, p in as_members(trained).items():
+    logits[m], eval_rate = evaluate.timed_logits(logits_fns[m], p, make_eval)
+    result['models'][m] = {
+      'model': specs[m]['model'],
+      'eval_accuracy': evaluate.accuracy(logits[m], data.eval_labels),
       'eval_examples_per_sec': eval_rate,
       **evaluate.model_stats(p),
     }
-    export_dir = stage_dir / 'export' / role
-    checkpoint.export_model(export_dir, p, specs[role])
+    export_dir = stage_dir / 'export' / m
+    checkpoint.export_model(export_dir, p, specs[m])
     text.save_tokenizer(data.tokenizer, export_dir)
-  if cache_info is not None:
-    result['teacher_cache'] = cache_info
-  if frozen is not None:
-    logits['teacher'] = evaluate.predict_logits(*frozen, make_eval())
-    result['frozen_teacher'] = {
-      'model': teacher_spec['model'],
-      'eval_accuracy': evaluate.accuracy(logits['teacher'], data.eval_labels),
-      **evaluate.model_stats(frozen[1]),
-    }
-  if 'teacher' in logits and 'student' in logits:
-    result['agreement'] = evaluate.agreement(logits['student'], logits['teacher'])
+  if cache_infos:
+    result['teacher_cache'] = cache_infos[0]
+  if teachers:
+    entries, logits['teacher'] = _frozen_teachers(
+      config, teachers, sources, weights, cache_infos, make_eval, data.eval_labels
+    )
+    result.update(entries)
+  if 'teacher' in logits:
+    pupil = 'assistant' if 'assistant' in logits else 'student'
+    if pupil in logits:
+      result['agreement'] = evaluate.agreement(logits[pupil], logits['teacher'])
+  if base == 'mutual':
+    result['mutual'] = strategies.mutual_report(logits, data.eval_labels)
+  if strategies.generation(name) > 1:
+    result['generations'] = strategies.generation_report(
+      workdir, name, logits['student'], data.eval_labels, lambda d: _export_logits(d, make_eval)
+    )
   result['wall_time_sec'] = time.perf_counter() - start
   writer.write(
     {
@@ -344,6 +427,52 @@ def run_stage(
   return result
 
 
+def _frozen_teachers(config, teachers, sources, weights, cache_infos, make_eval, labels):
+  """(result.json entries, logits standing for 'the teacher' in the agreement figure) of a
+  distilling stage's frozen teachers: with several, each one's dev accuracy and weight, and
+  their weighted averaged-probability ensemble, which then stands for the teacher."""
+  t_logits = [
+    evaluate.predict_logits(step_lib.make_logits_fn(model), params, make_eval())
+    for model, params, _, _ in teachers
+  ]
+  _, params, spec, export_dir = teachers[0]
+  out = {
+    'frozen_teacher': {
+      'model': spec['model'],
+      'export': str(export_dir),
+      'eval_accuracy': evaluate.accuracy(t_logits[0], labels),
+      **evaluate.model_stats(params),
+    }
+  }
+  if len(teachers) == 1:
+    return out, t_logits[0]
+  out['teachers'] = [
+    {
+      'source': source.name,
+      'export': str(export_dir),
+      'model': spec['model'],
+      'weight': weight,
+      'eval_accuracy': evaluate.accuracy(z, labels),
+      'cache': info,
+      **evaluate.model_stats(params),
+    }
+    for (_, params, spec, export_dir), source, weight, z, info in zip(
+      teachers, sources, weights, t_logits, cache_infos
+    )
+  ]
+  ensemble = strategies.ensemble_log_probs(t_logits, weights)
+  out['teacher_ensemble'] = {
+    'mode': config.distill.multi_teacher,
+    'eval_accuracy': evaluate.accuracy(ensemble, labels),
+  }
+  return out, ensemble
+
+
+def _export_logits(export_dir: pathlib.Path, make_eval) -> np.ndarray:
+  model, params, _ = load_exported_model(export_dir)
+  return evaluate.predict_logits(step_lib.make_logits_fn(model), params, make_eval())
+
+
 def run(config, workdir) -> dict:
   """Runs every stage of `config` in `workdir` and writes results.json and report.md."""
   config_lib.validate(config)
@@ -351,15 +480,19 @@ def run(config, workdir) -> dict:
   workdir.mkdir(parents=True, exist_ok=True)
   _check_config(config, workdir)
   data = prepare_data(config, workdir)
-  _check_objective(config, len(data.tokenizer))
+  _check_objective(config, workdir, len(data.tokenizer))
   print(
     f'data: {len(data.train_ids)} train / {len(data.eval_ids)} {config.data.eval_split} '
     f'examples, vocabulary {len(data.tokenizer)}; devices: {jax.devices()}',
     flush=True,
   )
   writer = report.MetricsWriter(workdir / 'metrics.jsonl')
-  stages = {name: run_stage(name, config, data, workdir, writer) for name in config.stages}
-  student_stage = next((s for s in ('distill', 'online', 'student_alone') if s in stages), None)
+  names = strategies.stage_names(config)
+  stages = {name: run_stage(name, config, data, workdir, writer) for name in names}
+  last_generation = strategies.generation_stage(config.distill.generations)
+  candidates = (last_generation, 'online', 'student_alone', 'mutual')
+  student_stage = next((s for s in candidates if s in stages), None)
+  final_role = 'student_0' if student_stage == 'mutual' else 'student'
   results = {
     'schema_version': report.RESULTS_SCHEMA_VERSION,
     'name': config.name,
@@ -370,7 +503,7 @@ def run(config, workdir) -> dict:
     'eval_examples': len(data.eval_ids),
     'stages': stages,
     'summary': report.summary(stages),
-    'final_student': f'{student_stage}/export/student' if student_stage else None,
+    'final_student': f'{student_stage}/export/{final_role}' if student_stage else None,
     'wall_time_sec': sum(s['wall_time_sec'] for s in stages.values()),
   }
   report.write_json(workdir / 'results.json', results)

@@ -7,5 +7,6 @@
   heads.py      the learned projections some terms need (trained with the student)
   schedules.py  per-step schedules for the temperature and every term's weight
   objective.py  the config-driven sum of terms used by the distillation train steps
+  ensemble.py   several teachers as one soft target; deep mutual learning among students
 Every term returns a (sum, count) pair (see kdjax.losses) so metrics average exactly.
 """

@@ -159,6 +159,11 @@ class Objective:
     spec = schedules.parse(self.cfg['schedules'][name], f'config.loss.schedules.{name}')
     return schedules.make(spec, base, self.total_steps)
 
+  def temperature(self, step):
+    """The scheduled temperature at `step`, for targets built outside the objective (a
+    mixture of teachers is only valid at the temperature the objective then uses)."""
+    return self._schedule('temperature', self.cfg['temperature'])(step)
+
   def _project(self, head_params, s: int, t: int, x):
     name = heads.hidden_projection_name(s, t)
     return heads.linear(head_params[name], x) if name in self.head_shapes else x
@@ -175,7 +180,12 @@ class Objective:
     # Augmented, teacher-labelled examples carry label -1: teacher terms only.
     label_weights = weights * (batch['labels'] >= 0)
     labels = jnp.maximum(batch['labels'], 0)
-    mask = features.token_weights(batch['attention_mask'], weights)
+    # Token weights exist only for sequence models; logit terms never read them.
+    mask = (
+      features.token_weights(batch['attention_mask'], weights)
+      if self.needs_teacher_features
+      else None
+    )
 
     m: dict[str, losses.Metric] = {}
     if cfg['label_smoothing']:
