@@ -9,6 +9,7 @@ already finished are read back; an interrupted one resumes, so the command can b
 import copy
 import importlib.util
 import pathlib
+import re
 import statistics
 import sys
 
@@ -22,6 +23,12 @@ from kdjax.cli import USER_ERRORS, parse_flags
 
 def point_name(overrides: dict) -> str:
   return ','.join(f'{k}={v}' for k, v in sorted(overrides.items())) or 'default'
+
+
+def point_dir(name: str) -> str:
+  """A point's sub-workdir: its name with path separators and quotes replaced, so a path
+  value (a teacher's workdir) does not nest folders."""
+  return re.sub(r"[/\\'\" ]", '_', name)
 
 
 def apply_overrides(config, overrides: dict):
@@ -71,7 +78,9 @@ def aggregate(points: list[tuple[str, dict, dict]]) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-  metrics = [m for m in rows[0] if m not in ('group', 'n')]
+  # Groups may report different figures (a mutual-learning group has no distilled student):
+  # every figure any group has gets a column.
+  metrics = list(dict.fromkeys(m for row in rows for m in row if m not in ('group', 'n')))
   lines = ['| group | n | ' + ' | '.join(metrics) + ' |', '|---|---:|' + '---:|' * len(metrics)]
   for row in rows:
     cells = [
@@ -102,7 +111,7 @@ def main(argv):
     finished = []
     for i, (name, overrides, point_config) in enumerate(points):
       print(f'=== sweep point {i + 1}/{len(points)}: {name}', flush=True)
-      finished.append((name, overrides, train.run(point_config, workdir / name)))
+      finished.append((name, overrides, train.run(point_config, workdir / point_dir(name))))
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

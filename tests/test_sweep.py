@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from kdjax.sweep import aggregate, format_rows, point_name
+from kdjax.sweep import aggregate, format_rows, point_dir, point_name
 
 
 def _summary(alone, distilled):
@@ -34,3 +34,8 @@ def test_seeds_are_pooled_and_other_keys_group():
   assert rows['loss.temperature=4.0']['distilled_student_accuracy']['std'] == 0.0
   table = format_rows(list(rows.values()))
   assert '| loss.temperature=2.0 | 3 | 82.00 ± 2.00 |' in table
+
+
+def test_point_dir_never_nests_folders():
+  name = point_name({'distill.extra_teachers': ('runs/teacher',), 'seed': 0})
+  assert point_dir(name) == 'distill.extra_teachers=(_runs_teacher_,),seed=0'
