@@ -18,19 +18,6 @@ from kdjax import step as step_lib
 from kdjax.data import pipeline, text
 from kdjax.data.errors import DataError
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Finished run directory.')
-_INPUT = flags.DEFINE_string(
-  'input', None, 'Text file (a sentence per line) or TSV with a `sentence` column.'
-)
-_OUTPUT = flags.DEFINE_string('output', '-', 'Output TSV path; - for stdout.')
-_MODEL = flags.DEFINE_string(
-  'model',
-  '',
-  'Export inside the workdir, e.g. teacher/export/teacher; default: results.json final_student.',
-)
-_BATCH = flags.DEFINE_integer('batch_size', 64, 'Sentences per forward pass.')
-flags.mark_flags_as_required(['workdir', 'input'])
-
 
 def read_sentences(path: str) -> list[str]:
   p = pathlib.Path(path)
@@ -91,8 +78,9 @@ def predict(
 def main(argv):
   del argv
   try:
-    sentences = read_sentences(_INPUT.value)
-    probs = predict(_WORKDIR.value, sentences, _MODEL.value, _BATCH.value)
+    f = flags.FLAGS
+    sentences = read_sentences(f.input)
+    probs = predict(f.workdir, sentences, f.model, f.batch_size)
   except (DataError, checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
@@ -100,11 +88,28 @@ def main(argv):
   for sentence, p in zip(sentences, probs):
     lines.append(f'{int(np.argmax(p))}\t' + '\t'.join(f'{x:.6f}' for x in p) + f'\t{sentence}')
   text = '\n'.join(lines) + '\n'
-  if _OUTPUT.value == '-':
+  if flags.FLAGS.output == '-':
     sys.stdout.write(text)
   else:
-    pathlib.Path(_OUTPUT.value).write_text(text, encoding='utf-8')
+    pathlib.Path(flags.FLAGS.output).write_text(text, encoding='utf-8')
+
+
+def define_flags() -> None:
+  """Defined when run as a program, not at import, so other tools can import predict()."""
+  flags.DEFINE_string('workdir', None, 'Finished run directory.')
+  flags.DEFINE_string(
+    'input', None, 'Text file (a sentence per line) or TSV with a `sentence` column.'
+  )
+  flags.DEFINE_string('output', '-', 'Output TSV path; - for stdout.')
+  flags.DEFINE_string(
+    'model',
+    '',
+    'Export inside the workdir, e.g. teacher/export/teacher; default: results.json final_student.',
+  )
+  flags.DEFINE_integer('batch_size', 64, 'Sentences per forward pass.')
+  flags.mark_flags_as_required(['workdir', 'input'])
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
