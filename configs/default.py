@@ -143,6 +143,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.mutual.kd_weight = 1.0
   c.mutual.temperature = 1.0
 
+  # Gradual pruning of the student while it trains (kdjax/compress/pruning.py): the selected
+  # weights follow a cubic schedule (Zhu & Gupta 2017) from 0 to `sparsity` between
+  # begin_fraction and end_fraction of the stage's steps, then stay fixed while training
+  # recovers; pruned weights are exactly zero and receive no updates. Masks live in the
+  # optimizer state, so checkpoints and resume need nothing special.
+  c.prune = ml_collections.ConfigDict()
+  c.prune.method = 'none'  # none | magnitude (|w|) | movement (Sanh et al. 2020)
+  c.prune.sparsity = 0.0  # final fraction of zeros among the selected weights, in [0, 1)
+  c.prune.rules = ('kernel$',)  # regexes over parameter paths ('embedding$' for the table)
+  c.prune.exclude = ('classifier',)  # paths left dense even if a rule matches
+  c.prune.scope = 'layer'  # layer: each tensor to `sparsity`; global: one threshold
+  c.prune.begin_fraction = 0.1
+  c.prune.end_fraction = 0.7
+  c.prune.update_every = 50  # steps between mask updates
+  c.prune.stages = ('distill',)  # which student stages prune: student_alone, distill
+
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
   c.train.teacher_steps = 1500  # steps of the teacher stage (and of the teacher in 'online')

@@ -214,6 +214,8 @@ def validate(config) -> None:
       "the distill or assistant stage (not online), with distill.teacher_cache='off'",
     )
 
+  _validate_prune(config.prune)
+
   dc = config.distill
   _require(
     dc.teacher_cache in ('off', 'logits', 'topk'),
@@ -324,3 +326,31 @@ def _validate_strategies(config, stages: tuple) -> None:
   )
   _require(m.kd_weight >= 0, 'mutual.kd_weight', m.kd_weight, 'must be >= 0')
   _require(m.temperature > 0, 'mutual.temperature', m.temperature, 'must be > 0')
+
+
+PRUNE_METHODS = ('none', 'magnitude', 'movement')
+PRUNE_STAGES = ('student_alone', 'distill')
+
+
+def _validate_prune(p) -> None:
+  _require(
+    p.method in PRUNE_METHODS, 'prune.method', p.method, f'one of {", ".join(PRUNE_METHODS)}'
+  )
+  if p.method == 'none':
+    return
+  _require(0 < p.sparsity < 1, 'prune.sparsity', p.sparsity, 'a fraction in (0, 1)')
+  _require(len(p.rules) > 0, 'prune.rules', tuple(p.rules), 'at least one regex')
+  _require(p.scope in ('layer', 'global'), 'prune.scope', p.scope, 'layer or global')
+  _require(
+    0 <= p.begin_fraction < p.end_fraction <= 1,
+    'prune.end_fraction',
+    (p.begin_fraction, p.end_fraction),
+    '0 <= begin_fraction < end_fraction <= 1',
+  )
+  _require(p.update_every >= 1, 'prune.update_every', p.update_every, 'must be >= 1')
+  _require(
+    len(p.stages) > 0 and all(s in PRUNE_STAGES for s in p.stages),
+    'prune.stages',
+    tuple(p.stages),
+    f'stages drawn from {", ".join(PRUNE_STAGES)}',
+  )

@@ -47,3 +47,28 @@ def make_optimizer(cfg: Mapping, total_steps: int) -> optax.GradientTransformati
 def make_joint_optimizer(optims: Mapping[str, optax.GradientTransformation]):
   """One optimizer over {'teacher': ..., 'student': ...}, each role with its own settings."""
   return optax.multi_transform(dict(optims), lambda params: {k: k for k in params})
+
+
+def with_pruning(
+  tx: optax.GradientTransformation, prune_cfg: Mapping, total_steps: int, with_heads: bool
+) -> optax.GradientTransformation:
+  """`tx` wrapped so the student is pruned gradually as `prune_cfg` says (config.prune).
+
+  Rules are searched anywhere in a path, so they also find the student's weights under
+  'student/' when distillation heads train beside it; the heads themselves stay dense."""
+  from kdjax.compress import pruning  # compression is only imported by runs that prune
+
+  begin = int(prune_cfg['begin_fraction'] * total_steps)
+  end = max(int(prune_cfg['end_fraction'] * total_steps), begin + 1)
+  schedule = pruning.cubic_schedule(
+    0.0, prune_cfg['sparsity'], begin, end, prune_cfg['update_every']
+  )
+  return pruning.masked_pruning(
+    tx,
+    tuple(prune_cfg['rules']),
+    schedule,
+    method=prune_cfg['method'],
+    scope=prune_cfg['scope'],
+    update_every=prune_cfg['update_every'],
+    exclude=tuple(prune_cfg['exclude']) + ((r'^kd_heads/',) if with_heads else ()),
+  )

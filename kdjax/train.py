@@ -350,6 +350,9 @@ def run_stage(
     else:
       heads = objectives[0].init_heads(heads_key)
     params = {'student': params, 'kd_heads': heads}
+  pruned = config.prune.method != 'none' and name in config.prune.stages
+  if pruned:
+    tx = optim.with_pruning(tx, config.prune, steps, with_heads)
 
   def as_members(p):
     if with_heads:
@@ -397,6 +400,12 @@ def run_stage(
     export_dir = stage_dir / 'export' / m
     checkpoint.export_model(export_dir, p, specs[m])
     text.save_tokenizer(data.tokenizer, export_dir)
+  if pruned:
+    from kdjax.compress import pruning
+
+    result['sparsity'] = pruning.sparsity_report(
+      as_members(trained)[only], tuple(config.prune.rules), tuple(config.prune.exclude)
+    )
   if cache_infos:
     result['teacher_cache'] = cache_infos[0]
   if teachers:
