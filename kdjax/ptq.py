@@ -1,7 +1,8 @@
 """Post-training quantization of a run's exported model, measured.
 
   python -m kdjax.ptq --workdir=RUN [--model=distill/export/student] --bits=8 \\
-      [--asymmetric] [--per_tensor] [--rules='kernel$,embedding$'] --output=DIR
+      [--asymmetric] [--per_tensor] [--rules='kernel$,embedding$'] [--sparse_rules=...] \\
+      --output=DIR
 
 Quantizes the weights the rules select (compress/quantize.py), writes the compact artifact
 (compress/artifact.py: the bytes on disk are the real size), and evaluates on the run's eval
@@ -64,6 +65,7 @@ def run(
   per_channel=True,
   rule_list=('kernel$', 'embedding$'),
   repeats=20,
+  sparse_rules=(),
 ) -> dict:
   workdir, output = pathlib.Path(workdir), pathlib.Path(output)
   model, params, tokenizer = load_model(workdir, model_path)
@@ -73,7 +75,8 @@ def run(
   qparams = jax.device_put(
     quantize.quantize_params(params, bits, symmetric, per_channel, tuple(rule_list))
   )
-  artifact.save(output / 'artifact', qparams, spec)
+  # Pruned weights (sparse_rules) are stored as a bit mask plus the kept values where smaller.
+  artifact.save(output / 'artifact', qparams, spec, sparse_rules=tuple(sparse_rules))
   ids, labels, buckets = eval_data(workdir, tokenizer)
 
   float_fn = step_lib.make_logits_fn(model)
@@ -97,6 +100,7 @@ def run(
     'symmetric': symmetric,
     'per_channel': per_channel,
     'rules': list(rule_list),
+    'sparse_rules': list(sparse_rules),
     'quantized_params': rules.selected_paths(params, tuple(rule_list)),
     'float32_bytes': artifact.dense_float32_bytes(params),
     'artifact_bytes': artifact.size_bytes(output / 'artifact'),
@@ -147,6 +151,7 @@ def main(argv):
       not f.per_tensor,
       f.rules,
       f.timing_repeats,
+      f.sparse_rules,
     )
   except (DataError, checkpoint.CheckpointError, rules.RuleError, artifact.ArtifactError) as e:
     print(f'error: {e}', file=sys.stderr)
@@ -164,6 +169,7 @@ def define_flags() -> None:
   flags.DEFINE_bool('per_tensor', False, 'One scale per tensor, not per channel.')
   flags.DEFINE_list('rules', ['kernel$', 'embedding$'], 'Regexes of weights to quantize.')
   flags.DEFINE_integer('timing_repeats', 20, 'Timed forward passes per figure.')
+  flags.DEFINE_list('sparse_rules', [], 'Regexes of pruned weights to store sparsely.')
   flags.mark_flags_as_required(['workdir', 'output'])
 
 

@@ -63,3 +63,11 @@ def test_int8_weights_stay_within_half_a_step(finished_run, tmp_path):
 def test_a_rule_matching_nothing_fails_in_one_line(finished_run, tmp_path):
   with pytest.raises(rules.RuleError, match="rule 'kernal\\$' matches no parameter"):
     ptq.run(finished_run, tmp_path / 'out', rule_list=('kernal$',), repeats=1)
+
+
+def test_sparse_rules_reach_the_artifact(finished_run, tmp_path):
+  """A dense model asked for sparse storage keeps dense storage (it would be larger)."""
+  ptq.run(finished_run, tmp_path / 'out', repeats=1, sparse_rules=('embedding$',))
+  manifest = json.loads((tmp_path / 'out' / 'artifact' / artifact.MANIFEST).read_text())
+  entry = next(e for e in manifest['manifest'] if e['path'] == ['embedding', 'embedding'])
+  assert entry['storage'] == 'dense'
