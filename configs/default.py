@@ -149,8 +149,11 @@ def get_config() -> ml_collections.ConfigDict:
   # recovers; pruned weights are exactly zero and receive no updates. Masks live in the
   # optimizer state, so checkpoints and resume need nothing special.
   c.prune = ml_collections.ConfigDict()
-  c.prune.method = 'none'  # none | magnitude (|w|) | movement (Sanh et al. 2020)
-  c.prune.sparsity = 0.0  # final fraction of zeros among the selected weights, in [0, 1)
+  # none | magnitude (|w|) | movement (Sanh et al. 2020) | nm (N:M groups along the input
+  # axis, e.g. 2:4, from begin_fraction on, re-chosen by magnitude every update)
+  c.prune.method = 'none'
+  c.prune.sparsity = 0.0  # final fraction of zeros among the selected weights (not for nm)
+  c.prune.nm = (2, 4)  # nm: keep N of every M consecutive input weights
   c.prune.rules = ('kernel$',)  # regexes over parameter paths ('embedding$' for the table)
   c.prune.exclude = ('classifier',)  # paths left dense even if a rule matches
   c.prune.scope = 'layer'  # layer: each tensor to `sparsity`; global: one threshold

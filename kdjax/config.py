@@ -328,7 +328,7 @@ def _validate_strategies(config, stages: tuple) -> None:
   _require(m.temperature > 0, 'mutual.temperature', m.temperature, 'must be > 0')
 
 
-PRUNE_METHODS = ('none', 'magnitude', 'movement')
+PRUNE_METHODS = ('none', 'magnitude', 'movement', 'nm')
 PRUNE_STAGES = ('student_alone', 'distill')
 
 
@@ -338,7 +338,11 @@ def _validate_prune(p) -> None:
   )
   if p.method == 'none':
     return
-  _require(0 < p.sparsity < 1, 'prune.sparsity', p.sparsity, 'a fraction in (0, 1)')
+  if p.method == 'nm':
+    n, m = tuple(p.nm)
+    _require(0 < n < m, 'prune.nm', tuple(p.nm), '(N, M) with 0 < N < M, e.g. (2, 4)')
+  else:
+    _require(0 < p.sparsity < 1, 'prune.sparsity', p.sparsity, 'a fraction in (0, 1)')
   _require(len(p.rules) > 0, 'prune.rules', tuple(p.rules), 'at least one regex')
   _require(p.scope in ('layer', 'global'), 'prune.scope', p.scope, 'layer or global')
   _require(

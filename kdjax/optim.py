@@ -60,9 +60,13 @@ def with_pruning(
 
   begin = int(prune_cfg['begin_fraction'] * total_steps)
   end = max(int(prune_cfg['end_fraction'] * total_steps), begin + 1)
-  schedule = pruning.cubic_schedule(
-    0.0, prune_cfg['sparsity'], begin, end, prune_cfg['update_every']
-  )
+  if prune_cfg['method'] == 'nm':  # one sparsity, n/m, from the begin step on
+    n, m = prune_cfg['nm']
+    schedule = pruning.one_shot_schedule(n / m, at_step=begin)
+  else:
+    schedule = pruning.cubic_schedule(
+      0.0, prune_cfg['sparsity'], begin, end, prune_cfg['update_every']
+    )
   return pruning.masked_pruning(
     tx,
     tuple(prune_cfg['rules']),
@@ -71,4 +75,5 @@ def with_pruning(
     scope=prune_cfg['scope'],
     update_every=prune_cfg['update_every'],
     exclude=tuple(prune_cfg['exclude']) + ((r'^kd_heads/',) if with_heads else ()),
+    nm=tuple(prune_cfg['nm']),
   )

@@ -304,3 +304,38 @@ def test_masked_pruning_masks_survive_when_not_recomputing():
     np.testing.assert_array_equal(state.masks['dense_0']['kernel'], first['dense_0']['kernel'])
     w = np.asarray(params['dense_0']['kernel'])
     assert (w[~np.asarray(first['dense_0']['kernel'])] == 0.0).all()
+
+
+def test_wrapper_nm_keeps_a_valid_2_4_pattern_from_its_start_step():
+  rng = np.random.default_rng(3)
+  params = {'a': {'kernel': jnp.asarray(rng.normal(size=(8, 3)), jnp.float32)}}
+  target = jax.tree_util.tree_map(lambda p: p + 1.0, params)
+  schedule = pruning.one_shot_schedule(0.5, at_step=3)
+  tx = pruning.masked_pruning(optax.adam(0.05), ('kernel$',), schedule, method='nm')
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    grads = jax.grad(
+      lambda p: sum(
+        jnp.sum((x - t) ** 2) for x, t in zip(jax.tree.leaves(p), jax.tree.leaves(target))
+      )
+    )(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  for i in range(10):
+    params, state = step(params, state)
+    kernel = np.asarray(params['a']['kernel'])
+    nonzero_per_group = (kernel.reshape(2, 4, 3) != 0).sum(axis=1)
+    if i < 3:
+      assert np.all(kernel != 0)
+    else:
+      assert np.all(nonzero_per_group == 2), (i, nonzero_per_group)
+
+
+def test_wrapper_nm_refuses_an_axis_that_does_not_split():
+  params = {'a': {'kernel': jnp.ones((6, 2))}}
+  tx = pruning.masked_pruning(optax.sgd(0.1), ('kernel$',), 0.5, method='nm')
+  with pytest.raises(ValueError, match='a/kernel'):
+    tx.init(params)

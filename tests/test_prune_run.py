@@ -58,14 +58,29 @@ def test_the_teacher_stage_is_not_pruned(pruned_run):
 
 
 @pytest.mark.parametrize(
-  'key, value, fragment',
+  'overrides, fragment',
   [
-    ('method', 'snip', 'prune.method'),
-    ('sparsity', 1.0, r'prune.sparsity=1.0 is invalid: a fraction in \(0, 1\)'),
-    ('stages', ('teacher',), 'prune.stages'),
-    ('begin_fraction', 0.9, 'begin_fraction < end_fraction'),
+    ({'method': 'snip'}, 'prune.method'),
+    ({'sparsity': 1.0}, r'prune.sparsity=1.0 is invalid: a fraction in \(0, 1\)'),
+    ({'stages': ('teacher',)}, 'prune.stages'),
+    ({'begin_fraction': 0.9}, 'begin_fraction < end_fraction'),
+    ({'method': 'nm', 'nm': (4, 4)}, r'prune.nm=\(4, 4\) is invalid'),
   ],
 )
-def test_bad_prune_values_are_named(tfds_dir, key, value, fragment):
+def test_bad_prune_values_are_named(tfds_dir, overrides, fragment):
   with pytest.raises(config_lib.ConfigError, match=fragment):
-    config_lib.validate(_config(tfds_dir, **{key: value}))
+    config_lib.validate(_config(tfds_dir, **overrides))
+
+
+def test_nm_pruning_run_exports_a_2_4_pattern(tfds_dir, tmp_path):
+  # Conv kernels [width 3, in, out] have no input axis of groups of 4: left dense.
+  config = _config(tfds_dir, method='nm', exclude=('classifier', 'conv_'))
+  train.run(config, tmp_path)
+  params = checkpoint.load_export_params(tmp_path / 'distill' / 'export' / 'student')
+  flat = dict(zip(rules.param_paths(params), jax.tree_util.tree_leaves(params)))
+  selected = rules.selected_paths(params, ('kernel$',), exclude=('classifier', 'conv_'))
+  assert selected
+  for path in selected:
+    kernel = np.asarray(flat[path])
+    groups = (kernel.reshape(-1, 4, kernel.shape[1]) != 0).sum(axis=1)
+    assert np.all(groups == 2), path

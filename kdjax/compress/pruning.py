@@ -288,7 +288,7 @@ class MaskedPruningState(NamedTuple):
   inner_state: Any
 
 
-_METHODS = ('magnitude', 'movement')
+_METHODS = ('magnitude', 'movement', 'nm')
 
 
 def masked_pruning(
@@ -299,6 +299,7 @@ def masked_pruning(
   scope: str = 'layer',
   update_every: int = 1,
   exclude: Sequence[str] = (),
+  nm: tuple[int, int] = (2, 4),
 ) -> optax.GradientTransformation:
   """Wrap `inner` so the selected parameters are pruned on `schedule` (step -> sparsity, or a
   constant) and stay pruned.
@@ -320,6 +321,8 @@ def masked_pruning(
 
   def init_fn(params):
     rules_lib.match(params, rules, 'masked_pruning', exclude)  # fail early on a dead rule
+    if method == 'nm':  # fail early on a tensor whose input axis does not split into groups
+      nm_masks(params, nm[0], nm[1], rules, 0, exclude)
     masks = jax.tree_util.tree_map(lambda p: jnp.ones(jnp.shape(p), bool), params)
     scores = init_movement_scores(params) if method == 'movement' else None
     return MaskedPruningState(jnp.zeros((), jnp.int32), masks, scores, inner.init(params))
@@ -338,6 +341,12 @@ def masked_pruning(
       if method == 'magnitude':
         candidate = apply_masks(optax.apply_updates(params, inner_updates), state.masks)
         return magnitude_masks(candidate, sparsity, rules, scope, exclude)
+      if method == 'nm':
+        # N:M has one sparsity, n/m: the schedule only says when it starts (> 0). Masks are
+        # re-chosen by magnitude at each update; pruned weights are 0, so they stay out.
+        candidate = apply_masks(optax.apply_updates(params, inner_updates), state.masks)
+        chosen = nm_masks(candidate, nm[0], nm[1], rules, 0, exclude)
+        return jax.tree_util.tree_map(lambda k: k | (sparsity <= 0), chosen)
       return movement_masks(scores, sparsity, rules, scope, exclude)
 
     masks = jax.lax.cond(
