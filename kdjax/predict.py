@@ -15,6 +15,7 @@ from absl import app, flags
 
 from kdjax import checkpoint, evaluate, train
 from kdjax import step as step_lib
+from kdjax.compress import artifact
 from kdjax.data import pipeline, text
 from kdjax.data.errors import DataError
 
@@ -47,7 +48,11 @@ def load_model(workdir: pathlib.Path, model_path: str):
         'pass --model=<stage>/export/<role> to use a stage export'
       )
     model_path = json.loads(results.read_text())['final_student']
-  export_dir = workdir / model_path
+  export_dir = workdir / model_path  # an absolute model_path is used as it is
+  if (export_dir / artifact.MANIFEST).is_file():
+    # A compressed artifact (kdjax.ptq): the model runs on its dequantized weights.
+    stored, spec = artifact.load(export_dir)
+    return train.build(spec), artifact.materialize(stored), text.load_tokenizer(export_dir)
   model, params, _ = train.load_exported_model(export_dir)
   return model, params, text.load_tokenizer(export_dir)
 
@@ -81,7 +86,7 @@ def main(argv):
     f = flags.FLAGS
     sentences = read_sentences(f.input)
     probs = predict(f.workdir, sentences, f.model, f.batch_size)
-  except (DataError, checkpoint.CheckpointError) as e:
+  except (DataError, checkpoint.CheckpointError, artifact.ArtifactError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   lines = ['label\t' + '\t'.join(f'prob_{c}' for c in range(probs.shape[1])) + '\tsentence']
@@ -104,7 +109,8 @@ def define_flags() -> None:
   flags.DEFINE_string(
     'model',
     '',
-    'Export inside the workdir, e.g. teacher/export/teacher; default: results.json final_student.',
+    'Export inside the workdir (e.g. teacher/export/teacher) or a kdjax.ptq artifact folder; '
+    'default: results.json final_student.',
   )
   flags.DEFINE_integer('batch_size', 64, 'Sentences per forward pass.')
   flags.mark_flags_as_required(['workdir', 'input'])

@@ -23,7 +23,7 @@ from absl import app, flags
 from kdjax import checkpoint, evaluate, train
 from kdjax import step as step_lib
 from kdjax.compress import artifact, quantize, rules
-from kdjax.data import pipeline
+from kdjax.data import pipeline, text
 from kdjax.data.errors import DataError
 from kdjax.predict import load_model
 
@@ -77,6 +77,8 @@ def run(
   )
   # Pruned weights (sparse_rules) are stored as a bit mask plus the kept values where smaller.
   artifact.save(output / 'artifact', qparams, spec, sparse_rules=tuple(sparse_rules))
+  # With its tokenizer the artifact is self-contained: kdjax.predict --model=<it> runs it.
+  text.save_tokenizer(tokenizer, output / 'artifact')
   ids, labels, buckets = eval_data(workdir, tokenizer)
 
   float_fn = step_lib.make_logits_fn(model)

@@ -71,3 +71,21 @@ def test_sparse_rules_reach_the_artifact(finished_run, tmp_path):
   manifest = json.loads((tmp_path / 'out' / 'artifact' / artifact.MANIFEST).read_text())
   entry = next(e for e in manifest['manifest'] if e['path'] == ['embedding', 'embedding'])
   assert entry['storage'] == 'dense'
+
+
+def test_predict_runs_on_the_artifact(finished_run, tmp_path):
+  """kdjax.predict on the artifact gives the dequantized model's probabilities."""
+  import jax
+
+  from kdjax import predict
+
+  ptq.run(finished_run, tmp_path / 'out', bits=8, repeats=1)
+  sentences = ['a gripping , funny film .', 'dull and far too long .']
+  probs = predict.predict(finished_run, sentences, str(tmp_path / 'out' / 'artifact'))
+  model, params, tokenizer = ptq.load_model(finished_run, '')
+  loaded, _ = artifact.load(tmp_path / 'out' / 'artifact')
+  _, _, buckets = ptq.eval_data(finished_run, tokenizer)
+  encoded = ptq.pipeline.encode(sentences, tokenizer, 64)
+  batch = next(iter(ptq._batches(encoded, np.zeros(2, np.int32), 2, buckets)))
+  expected = jax.nn.softmax(step_lib.make_logits_fn(model)(artifact.materialize(loaded), batch))
+  np.testing.assert_allclose(probs, np.asarray(expected)[:2], atol=1e-6)
