@@ -13,6 +13,7 @@ for both. Writes DIR/report.json and prints a table.
 
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -76,9 +77,15 @@ def run(
     quantize.quantize_params(params, bits, symmetric, per_channel, tuple(rule_list))
   )
   # Pruned weights (sparse_rules) are stored as a bit mask plus the kept values where smaller.
+  if (output / 'artifact').is_dir():  # a re-run replaces its own earlier artifact whole,
+    shutil.rmtree(output / 'artifact')  # so no stale file is counted in its size
   artifact.save(output / 'artifact', qparams, spec, sparse_rules=tuple(sparse_rules))
-  # With its tokenizer the artifact is self-contained: kdjax.predict --model=<it> runs it.
+  # The model's size: weights and manifest, compared with float32 weights. The tokenizer,
+  # saved beside them so kdjax.predict --model=<artifact> runs it, is the same file for
+  # either and is reported on its own.
+  artifact_bytes = artifact.size_bytes(output / 'artifact')
   text.save_tokenizer(tokenizer, output / 'artifact')
+  tokenizer_bytes = artifact.size_bytes(output / 'artifact') - artifact_bytes
   ids, labels, buckets = eval_data(workdir, tokenizer)
 
   float_fn = step_lib.make_logits_fn(model)
@@ -105,7 +112,8 @@ def run(
     'sparse_rules': list(sparse_rules),
     'quantized_params': rules.selected_paths(params, tuple(rule_list)),
     'float32_bytes': artifact.dense_float32_bytes(params),
-    'artifact_bytes': artifact.size_bytes(output / 'artifact'),
+    'artifact_bytes': artifact_bytes,
+    'tokenizer_bytes': tokenizer_bytes,
     'models': figures,
     'agreement': agreement,
   }

@@ -31,7 +31,10 @@ def test_ptq_report_matches_an_independent_evaluation(
   assert saved['artifact_bytes'] == report['artifact_bytes']
   # The artifact on disk is the real size: several times smaller than float32.
   assert report['compression'] >= min_compression
-  assert report['artifact_bytes'] == artifact.size_bytes(tmp_path / 'out' / 'artifact')
+  files = (tmp_path / 'out' / 'artifact').iterdir()
+  on_disk = {f.name: f.stat().st_size for f in files}
+  assert report['artifact_bytes'] == on_disk['weights.npz'] + on_disk['artifact.json']
+  assert report['tokenizer_bytes'] == sum(on_disk.values()) - report['artifact_bytes'] > 0
   # Independently: load the artifact, dequantize, run the float model, score.
   model, params, tokenizer = ptq.load_model(finished_run, '')
   loaded, spec = artifact.load(tmp_path / 'out' / 'artifact')
@@ -51,7 +54,11 @@ def test_ptq_report_matches_an_independent_evaluation(
 
 
 def test_int8_weights_stay_within_half_a_step(finished_run, tmp_path):
-  ptq.run(finished_run, tmp_path / 'out', bits=8, repeats=1)
+  first = ptq.run(finished_run, tmp_path / 'out', bits=4, repeats=1)
+  (tmp_path / 'out' / 'artifact' / 'stray.bin').write_bytes(b'x' * 1000)
+  report = ptq.run(finished_run, tmp_path / 'out', bits=8, repeats=1)  # replaces the int4 one
+  assert not (tmp_path / 'out' / 'artifact' / 'stray.bin').exists()
+  assert report['tokenizer_bytes'] == first['tokenizer_bytes']
   _, params, _ = ptq.load_model(finished_run, '')
   loaded, _ = artifact.load(tmp_path / 'out' / 'artifact')
   table = np.asarray(params['embedding']['embedding'])
