@@ -14,11 +14,14 @@ live (feature terms need it), for the same number of steps, and keeps 0.5·CE on
 labels; each feature method is added to 0.5·KL, as in the papers' task-distillation
 recipes. Mutual learning trains two such students together, without the teacher.
 
-Arguments (comma separated): teacher=<workdir>, second_teacher=<workdir>, runlocal.
+Arguments (comma separated): teacher=<workdir>, runlocal. The second teacher is
+SECOND_TEACHER below.
 """
 
 from experiments import parse_args, sst2_minilm_students
 
+# The multi-teacher method's second teacher (the 1-epoch MiniLM, 88.99).
+SECOND_TEACHER = 'runs/minilm_teacher'
 # Each method: the config overrides that define it on top of get_config().
 METHODS = {
   'kl': {},
@@ -27,7 +30,7 @@ METHODS = {
   'minilm': {'loss.weights.minilm': 1.0},
   'dkd': {'loss.weights.kl': 0.0, 'loss.weights.dkd': 1.0},
   'crd': {'loss.weights.crd': 0.1},
-  'multi_teacher': {'distill.extra_teachers': ('<second_teacher>',)},
+  'multi_teacher': {'distill.extra_teachers': (SECOND_TEACHER,)},
   'mutual': {'stages': ('mutual',)},
 }
 SEEDS = (0, 1, 2)
@@ -36,7 +39,7 @@ SEEDS = (0, 1, 2)
 def get_config(arg: str = ''):
   args = parse_args(
     arg,
-    {'teacher': '<workdir>', 'second_teacher': '<workdir>', 'runlocal': ''},
+    {'teacher': '<workdir>', 'runlocal': ''},
     'experiments/sst2_method_ablation.py',
   )
   teacher = args.get('teacher', 'runs/minilm_teacher3')
@@ -60,18 +63,12 @@ def get_config(arg: str = ''):
   return config
 
 
-def get_sweep(second_teacher: str = 'runs/minilm_teacher'):
+def get_sweep():
   """Seed-major order: every method's seed 0 first, so a partly finished sweep already
-  compares all methods (the sweep resumes where it stopped)."""
-  points = []
-  for seed in SEEDS:
-    for method, overrides in METHODS.items():
-      resolved = {
-        k: tuple(second_teacher if t == '<second_teacher>' else t for t in v)
-        if k == 'distill.extra_teachers'
-        else v
-        for k, v in overrides.items()
-      }
-      # config.name labels the method in the sweep's table and in each point's results.json.
-      points.append({'name': method, **resolved, 'seed': seed})
-  return points
+  compares all methods (the sweep resumes where it stopped). config.name labels the method
+  in the sweep's table and in each point's results.json."""
+  return [
+    {'name': method, **overrides, 'seed': seed}
+    for seed in SEEDS
+    for method, overrides in METHODS.items()
+  ]

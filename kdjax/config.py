@@ -2,9 +2,9 @@
 
 import json
 import pathlib
-from typing import Mapping
+from typing import Callable, Mapping
 
-from kdjax import optim
+from kdjax import optim, report
 
 STAGES = ('teacher', 'student_alone', 'online', 'distill', 'assistant', 'mutual')
 MULTI_TEACHER = ('average_probs', 'sum_losses')
@@ -358,3 +358,47 @@ def _validate_prune(p) -> None:
     tuple(p.stages),
     f'stages drawn from {", ".join(PRUNE_STAGES)}',
   )
+
+
+def check_workdir_config(config, workdir: pathlib.Path, schema: Callable | None = None) -> None:
+  """A workdir belongs to one config: resuming with another would mix two experiments. The
+  first run writes workdir/config.json; later runs must match it, naming the first key
+  that differs. With `schema` (a zero-argument function returning the full default config),
+  keys the schema gained since the workdir was written are accepted at their defaults."""
+  path = workdir / 'config.json'
+  current = json.loads(config.to_json_best_effort())
+  if not path.exists():
+    report.write_json(path, current)
+    return
+  saved = json.loads(path.read_text())
+  if schema is not None:
+    saved = _with_new_defaults(saved, current, json.loads(schema().to_json_best_effort()))
+  if saved != current:
+    raise ConfigError(
+      f'workdir {workdir} holds a run with a different config '
+      f'({_first_difference(saved, current)}); use a new --workdir or the original config'
+    )
+
+
+def _with_new_defaults(saved: dict, current: dict, defaults: dict) -> dict:
+  """`saved` plus the keys the schema gained since it was written, where the current run
+  keeps their defaults: a workdir stays resumable when kdjax adds an option it did not use."""
+
+  def fill(s, c, d):
+    if not (isinstance(s, dict) and isinstance(c, dict) and isinstance(d, dict)):
+      return s
+    out = {k: fill(v, c.get(k), d.get(k)) for k, v in s.items()}
+    for k in set(c) - set(s):
+      if k in d and c[k] == d[k]:
+        out[k] = c[k]
+    return out
+
+  return fill(saved, current, defaults)
+
+
+def _first_difference(a, b, prefix='config') -> str:
+  if isinstance(a, dict) and isinstance(b, dict):
+    for key in sorted(set(a) | set(b)):
+      if a.get(key) != b.get(key):
+        return _first_difference(a.get(key), b.get(key), f'{prefix}.{key}')
+  return f'{prefix} was {a!r}, now {b!r}'

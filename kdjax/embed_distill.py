@@ -26,7 +26,7 @@ from kdjax.cli import run_config_main
 from kdjax.data import corpus as corpus_lib
 from kdjax.data import pipeline, stsb, wordpiece
 from kdjax.models import bert, from_teacher, hf_bert
-from kdjax.train import _check_config, default_tfds_dir
+from kdjax.train import default_tfds_dir
 
 STAGE = 'embed_distill'
 RESULTS_SCHEMA_VERSION = 1
@@ -265,7 +265,7 @@ def run(config, workdir: str | pathlib.Path) -> dict:
   teacher_kwargs = hf_bert.bert_kwargs(teacher_dir)
   validate(config, teacher_kwargs)
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_config(config, workdir)
+  config_lib.check_workdir_config(config, workdir)
   if results_path.exists():
     print(f'already complete ({results_path})', flush=True)
     results = json.loads(results_path.read_text())

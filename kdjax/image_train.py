@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import checkpoint, loop, losses, optim, report
+from kdjax import checkpoint, evaluate, loop, losses, optim, report
 from kdjax import config as config_lib
 from kdjax.data import mnist
 from kdjax.kd import objective as kd_objective
+from kdjax.models import registry
 from kdjax.models.mlp import MLPClassifier
 
 STAGES = ('teacher', 'student_alone', 'distill', 'distill_omit')
@@ -157,11 +158,7 @@ def make_logits_fn(model: MLPClassifier):
 
 
 def predict(logits_fn, params, images: np.ndarray, labels: np.ndarray, batch_size: int):
-  chunks = []
-  for batch in mnist.eval_batches(images, labels, batch_size):
-    logits = np.asarray(logits_fn(params, batch))
-    chunks.append(logits[batch['weights'] > 0])
-  return np.concatenate(chunks)
+  return evaluate.predict_logits(logits_fn, params, mnist.eval_batches(images, labels, batch_size))
 
 
 def error_counts(logits: np.ndarray, labels: np.ndarray) -> dict:
@@ -267,14 +264,12 @@ def run_stage(name, config, data, workdir: pathlib.Path, writer) -> dict:
     'steps': steps,
     'train_images': len(images),
     'train_examples_per_sec': info['train_examples_per_sec'],
-    'params': int(sum(x.size for x in jax.tree_util.tree_leaves(trained))),
+    'params': registry.count_params(trained),
     **error_counts(logits, test_labels),
     'paper_errors': PAPER_ERRORS[name],
   }
   if teacher_test_logits is not None:
-    result['agreement'] = float(
-      np.mean(np.argmax(logits, -1) == np.argmax(teacher_test_logits, -1))
-    )
+    result['agreement'] = evaluate.agreement(logits, teacher_test_logits)
   if name == 'distill_omit':
     result.update(_omit_report(config, trained, logits_fn, logits, data, eval_bs))
   checkpoint.export_model(stage_dir / 'export' / role, trained, _spec(config, role))
@@ -344,13 +339,7 @@ def run(config, workdir) -> dict:
   validate(config)
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / 'config.json'
-  current = json.loads(config.to_json_best_effort())
-  if path.exists() and json.loads(path.read_text()) != current:
-    raise config_lib.ConfigError(
-      f'workdir {workdir} holds a run with a different config; use a new --workdir'
-    )
-  report.write_json(path, current)
+  config_lib.check_workdir_config(config, workdir)
   data = {split: mnist.load_split(split, config.data.dir) for split in ('train', 'test')}
   print(
     f'data: {len(data["train"][0])} train / {len(data["test"][0])} test images; '

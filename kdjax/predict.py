@@ -39,7 +39,9 @@ def read_sentences(path: str) -> list[str]:
   return [line.strip() for line in lines]
 
 
-def load_model(workdir: pathlib.Path, model_path: str):
+def model_dir(workdir: pathlib.Path, model_path: str = '') -> pathlib.Path:
+  """The export (or kdjax.ptq artifact) to run: `model_path` inside the workdir (an absolute
+  path is used as it is), by default the run's final student from results.json."""
   if not model_path:
     results = workdir / 'results.json'
     if not results.is_file():
@@ -48,7 +50,11 @@ def load_model(workdir: pathlib.Path, model_path: str):
         'pass --model=<stage>/export/<role> to use a stage export'
       )
     model_path = json.loads(results.read_text())['final_student']
-  export_dir = workdir / model_path  # an absolute model_path is used as it is
+  return workdir / model_path
+
+
+def load_model(workdir: pathlib.Path, model_path: str):
+  export_dir = model_dir(pathlib.Path(workdir), model_path)
   if (export_dir / artifact.MANIFEST).is_file():
     # A compressed artifact (kdjax.ptq): the model runs on its dequantized weights.
     stored, spec = artifact.load(export_dir)
@@ -66,17 +72,9 @@ def predict(
   config = json.loads((workdir / 'config.json').read_text())
   max_len, buckets = config['data']['max_len'], tuple(config['data']['buckets'])
   ids = pipeline.encode(sentences, tokenizer, max_len)
-  batches = pipeline.BatchIterator(
-    ids,
-    np.zeros(len(ids), np.int32),
-    batch_size,
-    buckets,
-    seed=0,
-    shuffle=False,
-    drop_remainder=False,
-  )
+  batches = pipeline.ordered_pass(ids, np.zeros(len(ids), np.int32), batch_size, buckets)
   logits_fn = step_lib.make_logits_fn(model)
-  logits = evaluate.predict_logits(logits_fn, params, batches.one_epoch())
+  logits = evaluate.predict_logits(logits_fn, params, batches)
   return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 

@@ -26,7 +26,7 @@ from kdjax import step as step_lib
 from kdjax.compress import artifact, quantize, rules
 from kdjax.data import pipeline, text
 from kdjax.data.errors import DataError
-from kdjax.predict import load_model
+from kdjax.predict import load_model, model_dir
 
 
 def eval_data(workdir: pathlib.Path, tokenizer):
@@ -39,15 +39,11 @@ def eval_data(workdir: pathlib.Path, tokenizer):
   return pipeline.encode(sentences, tokenizer, d['max_len']), labels, tuple(d['buckets'])
 
 
-def _batches(ids, labels, batch_size: int, buckets):
-  return pipeline.BatchIterator(
-    ids, labels, batch_size, buckets, seed=0, shuffle=False, drop_remainder=False
-  ).one_epoch()
-
-
 def latency_ms(logits_fn, params, ids, labels, buckets, batch_size: int, repeats: int) -> float:
   """Median wall time of one forward pass on a fixed batch, after compilation."""
-  batch = next(iter(_batches(ids[:batch_size], labels[:batch_size], batch_size, buckets)))
+  batch = next(
+    iter(pipeline.ordered_pass(ids[:batch_size], labels[:batch_size], batch_size, buckets))
+  )
   jax.block_until_ready(logits_fn(params, batch))  # compile
   times = []
   for _ in range(repeats):
@@ -72,7 +68,8 @@ def run(
   model, params, tokenizer = load_model(workdir, model_path)
   # Exports restore as host arrays; timing them would time a 16 MB copy per call.
   params = jax.device_put(params)
-  spec = checkpoint.read_export_spec(workdir / (model_path or _final(workdir)))
+  export_dir = model_dir(workdir, model_path)
+  spec = checkpoint.read_export_spec(export_dir)
   qparams = jax.device_put(
     quantize.quantize_params(params, bits, symmetric, per_channel, tuple(rule_list))
   )
@@ -93,7 +90,7 @@ def run(
   quant_fn = jax.jit(lambda q, batch: float_fn(quantize.dequantize_params(q), batch))
   figures = {}
   for name, fn, p in (('float32', float_fn, params), (f'int{bits}', quant_fn, qparams)):
-    logits = evaluate.predict_logits(fn, p, _batches(ids, labels, 64, buckets))
+    logits = evaluate.predict_logits(fn, p, pipeline.ordered_pass(ids, labels, 64, buckets))
     figures[name] = {
       'eval_accuracy': evaluate.accuracy(logits, labels),
       'latency_ms_batch1': latency_ms(fn, p, ids, labels, buckets, 1, repeats),
@@ -104,7 +101,7 @@ def run(
     figures['float32'].pop('logits'), figures[f'int{bits}'].pop('logits')
   )
   report = {
-    'export': str(workdir / (model_path or _final(workdir))),
+    'export': str(export_dir),
     'bits': bits,
     'symmetric': symmetric,
     'per_channel': per_channel,
@@ -124,10 +121,6 @@ def run(
   output.mkdir(parents=True, exist_ok=True)
   (output / 'report.json').write_text(json.dumps(report, indent=2, sort_keys=True) + '\n')
   return report
-
-
-def _final(workdir: pathlib.Path) -> str:
-  return json.loads((workdir / 'results.json').read_text())['final_student']
 
 
 def format_report(r: dict) -> str:

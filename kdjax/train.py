@@ -132,46 +132,15 @@ def load_exported_model(export_dir: pathlib.Path):
 
 
 def _check_config(config, workdir: pathlib.Path) -> None:
-  """A workdir belongs to one config: resuming with another would mix two experiments."""
-  path = workdir / 'config.json'
-  current = json.loads(config.to_json_best_effort())
-  if path.exists():
-    saved = _with_new_defaults(json.loads(path.read_text()), current)
-    if saved != current:
-      diff = _first_difference(saved, current)
-      raise config_lib.ConfigError(
-        f'workdir {workdir} holds a run with a different config ({diff}); '
-        'use a new --workdir or the original config'
-      )
-  else:
-    report.write_json(path, current)
+  """config_lib.check_workdir_config against the text trainer's schema (configs/default.py),
+  so a workdir written before the schema gained keys still resumes."""
 
+  def schema():
+    from configs import default  # only needed when a workdir is resumed
 
-def _with_new_defaults(saved: dict, current: dict) -> dict:
-  """`saved` plus the keys the schema gained since it was written, where the current run
-  keeps their defaults: a workdir stays resumable when kdjax adds an option it did not use."""
-  from configs import default  # the schema; only needed when a workdir is resumed
+    return default.get_config()
 
-  defaults = json.loads(default.get_config().to_json_best_effort())
-
-  def fill(s, c, d):
-    if not (isinstance(s, dict) and isinstance(c, dict) and isinstance(d, dict)):
-      return s
-    out = {k: fill(v, c.get(k), d.get(k)) for k, v in s.items()}
-    for k in set(c) - set(s):
-      if k in d and c[k] == d[k]:
-        out[k] = c[k]
-    return out
-
-  return fill(saved, current, defaults)
-
-
-def _first_difference(a, b, prefix='config') -> str:
-  if isinstance(a, dict) and isinstance(b, dict):
-    for key in sorted(set(a) | set(b)):
-      if a.get(key) != b.get(key):
-        return _first_difference(a.get(key), b.get(key), f'{prefix}.{key}')
-  return f'{prefix} was {a!r}, now {b!r}'
+  config_lib.check_workdir_config(config, workdir, schema)
 
 
 def _load_teacher(source: strategies.TeacherSource, tokenizer: text.Tokenizer):

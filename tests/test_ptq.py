@@ -43,7 +43,7 @@ def test_ptq_report_matches_an_independent_evaluation(
   logits = evaluate.predict_logits(
     step_lib.make_logits_fn(model),
     artifact.materialize(loaded),
-    ptq._batches(ids, labels, 64, buckets),
+    ptq.pipeline.ordered_pass(ids, labels, 64, buckets),
   )
   assert report['models'][f'int{bits}']['eval_accuracy'] == evaluate.accuracy(logits, labels)
   assert report['quantized_params'] == rules.selected_paths(params, ('kernel$', 'embedding$'))
@@ -93,6 +93,6 @@ def test_predict_runs_on_the_artifact(finished_run, tmp_path):
   loaded, _ = artifact.load(tmp_path / 'out' / 'artifact')
   _, _, buckets = ptq.eval_data(finished_run, tokenizer)
   encoded = ptq.pipeline.encode(sentences, tokenizer, 64)
-  batch = next(iter(ptq._batches(encoded, np.zeros(2, np.int32), 2, buckets)))
+  batch = next(iter(ptq.pipeline.ordered_pass(encoded, np.zeros(2, np.int32), 2, buckets)))
   expected = jax.nn.softmax(step_lib.make_logits_fn(model)(artifact.materialize(loaded), batch))
   np.testing.assert_allclose(probs, np.asarray(expected)[:2], atol=1e-6)

@@ -216,6 +216,14 @@ class BatchIterator:
     self._epoch, self._position = epoch, position
 
 
+def ordered_pass(ids, labels, batch_size: int, buckets) -> Iterator[dict[str, np.ndarray]]:
+  """One pass over `ids` in their order, padded to `buckets`, the last batch kept (filler
+  rows weighted 0): what evaluation and prediction read."""
+  return BatchIterator(
+    ids, labels, batch_size, tuple(buckets), seed=0, shuffle=False, drop_remainder=False
+  ).one_epoch()
+
+
 class WithRowData:
   """A training iterator whose batches also carry `array[batch['index']]` under `key`:
   per-example data computed once (cached teacher logits or embeddings) joins each batch.

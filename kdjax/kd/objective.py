@@ -175,7 +175,7 @@ class Objective:
     s_logits, s_out = student
     t_logits, t_out = teacher
     head_params = head_params or {}
-    temperature = self._schedule('temperature', cfg['temperature'])(step)
+    temperature = self.temperature(step)
     weights = batch['weights'].astype(jnp.float32)
     # Augmented, teacher-labelled examples carry label -1: teacher terms only.
     label_weights = weights * (batch['labels'] >= 0)
