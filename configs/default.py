@@ -171,7 +171,30 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 250  # steps between checkpoints; a multiple of log_every
   c.train.keep_checkpoints = 2  # newest checkpoints kept per stage
   c.train.eval_batch_size = 256
+
+  c.parallel = parallel()
   return c
+
+
+def parallel() -> ml_collections.ConfigDict:
+  """Data parallelism over every device of the job (kdjax/parallel.py; README 'Scaling out').
+
+  The global batch is train.batch_size whatever the device count (it must divide evenly over
+  the devices); each process feeds only its rows."""
+  p = ml_collections.ConfigDict()
+  p.mode = 'single'  # single (one device) | pmap | shard_map | mesh (jit + NamedSharding)
+  p.params = 'replicated'  # replicated | fsdp: trained state sharded over devices (mesh)
+  p.teacher = 'replicated'  # replicated | fsdp: the frozen teacher sharded (mesh)
+  p.fsdp_rules = ('.*',)  # regexes over state paths that fsdp may shard
+  p.fsdp_min_size = 2**14  # leaves with fewer elements stay replicated
+  p.distributed = ml_collections.ConfigDict()
+  # never | auto (join when a coordinator address is set here or in JAX_COORDINATOR_ADDRESS)
+  # | always (also let JAX detect TPU pod slices, SLURM, Open MPI)
+  p.distributed.initialize = 'auto'
+  p.distributed.coordinator_address = ''  # host:port of process 0
+  p.distributed.num_processes = 0  # 0: from KDJAX_NUM_PROCESSES or the detected cluster
+  p.distributed.process_id = -1  # -1: from KDJAX_PROCESS_ID or the detected cluster
+  return p
 
 
 def optimizer(learning_rate: float) -> ml_collections.ConfigDict:

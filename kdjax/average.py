@@ -17,7 +17,6 @@ import pathlib
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
 from kdjax import checkpoint, evaluate, train
@@ -38,8 +37,7 @@ def checkpoint_params(stage_dir: pathlib.Path, step: int):
   if not path.is_dir():
     kept = sorted(p.name for p in (stage_dir / 'checkpoints').glob('[0-9]*'))
     raise checkpoint.CheckpointError(f'no checkpoint {path}; kept steps: {", ".join(kept)}')
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path / 'state')['params']
+  return checkpoint.restore_on_host(path / 'state')['params']
 
 
 def average(trees: list):

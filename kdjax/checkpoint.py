@@ -6,6 +6,7 @@ import pathlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -72,13 +73,31 @@ class StageCheckpointer:
     self._manager.close()
 
 
+def restore_on_host(state_dir: str | os.PathLike) -> Any:
+  """A saved state (`<checkpoint>/<step>/state`) as host numpy arrays, whatever devices or
+  processes wrote it: the target is built from the checkpoint's own shapes and dtypes, so
+  orbax never tries to rebuild the writer's device mesh."""
+  state_dir = pathlib.Path(state_dir).absolute()
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      metadata = ckptr.metadata(state_dir).item_metadata
+      tree = getattr(metadata, 'tree', metadata)
+      target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), tree)
+      return ckptr.restore(state_dir, target)
+  except Exception as e:  # see StageCheckpointer.restore_latest
+    raise CheckpointError(
+      f'checkpoint {state_dir} is unreadable: {type(e).__name__}: {str(e).splitlines()[0]}'
+    ) from e
+
+
 def export_model(directory: str | os.PathLike, params: Any, model_spec: dict) -> None:
   """Writes params (orbax) and the model's name and keywords (JSON) to `directory`."""
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
+  with ocp.StandardCheckpointer() as ckptr:  # a collective save in a multi-process job
     ckptr.save(directory / 'params', jax.device_get(params), force=True)
-  (directory / 'model.json').write_text(json.dumps(model_spec, indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    (directory / 'model.json').write_text(json.dumps(model_spec, indent=2, sort_keys=True))
 
 
 def read_export_spec(directory: str | os.PathLike) -> dict:

@@ -215,6 +215,7 @@ def validate(config) -> None:
     )
 
   _validate_prune(config.prune)
+  validate_parallel(config.parallel)
 
   dc = config.distill
   _require(
@@ -332,6 +333,39 @@ PRUNE_METHODS = ('none', 'magnitude', 'movement', 'nm')
 PRUNE_STAGES = ('student_alone', 'distill')
 
 
+PARALLEL_MODES = ('single', 'pmap', 'shard_map', 'mesh')
+# Top-level config sections a resumed run may change (see check_workdir_config).
+RESUMABLE_ACROSS = ('parallel',)
+
+
+def validate_parallel(p) -> None:
+  """config.parallel (configs/default.py:parallel); device counts are checked at run time."""
+  _require(p.mode in PARALLEL_MODES, 'parallel.mode', p.mode, f'one of {", ".join(PARALLEL_MODES)}')
+  for key in ('params', 'teacher'):
+    _require(p[key] in ('replicated', 'fsdp'), f'parallel.{key}', p[key], 'replicated or fsdp')
+    _require(
+      p[key] == 'replicated' or p.mode == 'mesh',
+      f'parallel.{key}',
+      p[key],
+      f"replicated: fsdp needs parallel.mode='mesh' (mode is {p.mode!r})",
+    )
+  _require(len(p.fsdp_rules) > 0, 'parallel.fsdp_rules', tuple(p.fsdp_rules), 'at least one regex')
+  _require(p.fsdp_min_size >= 0, 'parallel.fsdp_min_size', p.fsdp_min_size, 'must be >= 0')
+  d = p.distributed
+  _require(
+    d.initialize in ('never', 'auto', 'always'),
+    'parallel.distributed.initialize',
+    d.initialize,
+    'one of never, auto, always',
+  )
+  _require(
+    d.num_processes >= 0, 'parallel.distributed.num_processes', d.num_processes, 'must be >= 0'
+  )
+  _require(
+    d.process_id >= -1, 'parallel.distributed.process_id', d.process_id, '-1 (unset) or >= 0'
+  )
+
+
 def _validate_prune(p) -> None:
   _require(
     p.method in PRUNE_METHODS, 'prune.method', p.method, f'one of {", ".join(PRUNE_METHODS)}'
@@ -373,6 +407,11 @@ def check_workdir_config(config, workdir: pathlib.Path, schema: Callable | None 
   saved = json.loads(path.read_text())
   if schema is not None:
     saved = _with_new_defaults(saved, current, json.loads(schema().to_json_best_effort()))
+  # Where a run executes is not what it computes: a run may resume on another device count
+  # or process layout (checkpoints restore across topologies).
+  for ignored in RESUMABLE_ACROSS:
+    saved.pop(ignored, None)
+    current.pop(ignored, None)
   if saved != current:
     raise ConfigError(
       f'workdir {workdir} holds a run with a different config '

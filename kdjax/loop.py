@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import optax
 
-from kdjax import checkpoint, report
+from kdjax import checkpoint, parallel, report
 from kdjax import step as step_lib
 
 
@@ -36,40 +36,57 @@ def _means(sums: dict) -> dict:
 
 
 def train_stage(
-  spec: StageSpec, batches, stage_dir: pathlib.Path, train_cfg, writer: report.MetricsWriter
+  spec: StageSpec,
+  batches,
+  stage_dir: pathlib.Path,
+  train_cfg,
+  writer: report.MetricsWriter,
+  data_parallel: parallel.DataParallel | None = None,
 ) -> tuple[Any, dict]:
-  """Trains `spec.params` for `spec.steps` steps, resuming from the newest checkpoint."""
-  state = step_lib.create_state(spec.params, spec.tx, spec.rng)
+  """Trains `spec.params` for `spec.steps` steps, resuming from the newest checkpoint.
+
+  With `data_parallel` the step runs over every device of the job; `batches` then yields
+  this process's rows of each global batch. The returned params are host numpy arrays.
+  """
+  dp = data_parallel or parallel.DataParallel()
+  # One process speaks for the job (the trainer gives the others a writer that drops records).
+  say = print if parallel.is_lead_process() else lambda *args, **kwargs: None
+  state = dp.put_state(step_lib.create_state(spec.params, spec.tx, spec.rng))
   ckpt = checkpoint.StageCheckpointer(stage_dir / 'checkpoints', train_cfg.keep_checkpoints)
+  # Restored into the placement of `state`: whatever device count wrote the checkpoint.
   restored = ckpt.restore_latest(state)
   if restored is not None:
     state, position = restored
     batches.set_state(position)
-    writer.truncate_after(spec.name, int(state.step))
-    print(
-      f'[{spec.name}] resumed from step {int(state.step)} '
-      f'({ckpt.directory / str(int(state.step))})',
+    step_done = int(parallel.to_host(state.step))
+    writer.truncate_after(spec.name, step_done)
+    say(
+      f'[{spec.name}] resumed from step {step_done} ({ckpt.directory / str(step_done)})',
       flush=True,
     )
-  train_step = step_lib.make_train_step(spec.loss_fn, spec.tx)
+  train_step = dp.train_step(spec.loss_fn, spec.tx)
+  teacher_params = dp.put_teacher(spec.teacher_params)
 
   sums, interval_examples, interval_steps, compiled_shapes = None, 0, 0, set()
   interval_compiled = False
   steady_examples, steady_seconds = 0, 0.0
   interval_start = time.perf_counter()
-  for step in range(int(state.step) + 1, spec.steps + 1):
+  first_step = int(parallel.to_host(state.step)) + 1
+  for step in range(first_step, spec.steps + 1):
     batch = next(batches)
     shape = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
     # The first batch of each new input shape compiles; keep it out of the throughput.
     interval_compiled |= shape not in compiled_shapes
     compiled_shapes.add(shape)
-    state, metrics = train_step(state, spec.teacher_params, batch)
+    state, metrics = train_step(state, teacher_params, dp.put_batch(batch))
+    metrics = parallel.to_host(metrics)
     sums = metrics if sums is None else jax.tree_util.tree_map(np.add, sums, metrics)
-    interval_examples += int(batch['weights'].sum())
+    # This process's rows; the others feed as many.
+    interval_examples += int(batch['weights'].sum()) * jax.process_count()
     interval_steps += 1
 
     if step % train_cfg.log_every == 0 or step == spec.steps:
-      means = _means(jax.device_get(sums))
+      means = _means(sums)
       bad = [k for k, v in means.items() if not math.isfinite(v)]
       if bad:
         raise TrainingDiverged(
@@ -92,7 +109,7 @@ def train_stage(
         }
       )
       eta = (spec.steps - step) * seconds / interval_steps
-      print(
+      say(
         f'[{spec.name}] step {step}/{spec.steps} loss {means["loss"]:.4f} '
         f'acc {means["accuracy"]:.3f} {rate:.0f} ex/s eta {eta:.0f}s',
         flush=True,
@@ -106,11 +123,11 @@ def train_stage(
       and step % train_cfg.eval_every == 0
       and step != spec.steps
     ):
-      values = spec.evaluate(state.params)
+      values = spec.evaluate(parallel.to_host(state.params))
       writer.write(
         {'stage': spec.name, 'step': step, **{f'eval_{k}': v for k, v in values.items()}}
       )
-      print(
+      say(
         f'[{spec.name}] step {step} eval ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()),
         flush=True,
       )
@@ -126,4 +143,4 @@ def train_stage(
       steady_examples / steady_seconds if steady_seconds else float('nan')
     ),
   }
-  return state.params, info
+  return parallel.to_host(state.params), info

@@ -10,6 +10,8 @@ metrics over steps and devices and divide once on the host, so averages stay exa
 batches hold different numbers of real examples.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -21,8 +23,27 @@ def weighted(per_item: jax.Array, weights: jax.Array) -> Metric:
   return jnp.sum(per_item * weights), jnp.sum(weights)
 
 
+# The named axis of a data-parallel per-device step (pmap / shard_map) while it is traced.
+_data_axis: str | None = None
+
+
+@contextlib.contextmanager
+def data_axis(name: str):
+  """Inside, `mean` divides the local sum by the count summed over the devices of `name`:
+  each device's loss is its share of the global mean, so summing gradients over devices
+  gives the gradient of the global mean exactly, however the examples or tokens are split."""
+  global _data_axis
+  previous, _data_axis = _data_axis, name
+  try:
+    yield
+  finally:
+    _data_axis = previous
+
+
 def mean(metric: Metric) -> jax.Array:
   total, count = metric
+  if _data_axis is not None:
+    count = jax.lax.psum(count, _data_axis)
   return total / jnp.maximum(count, 1.0)
 
 

@@ -208,21 +208,32 @@ def online_loss_fn(
   return loss_fn
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads, metrics):
+  """One optimizer update from (already reduced) gradients; adds the gradient norm."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics['grad_norm'] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def train_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation):
+  """The un-jitted step over a whole (global) batch; kdjax.parallel compiles it per mode."""
+
   def step(state: TrainState, teacher_params, batch: Batch):
     # fold_in ties dropout noise to the step number, so a resumed run draws the same masks.
     rng = jax.random.fold_in(state.rng, state.step)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, teacher_params, batch, rng, state.step
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics['grad_norm'] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, metrics
+    return apply_gradients(state, tx, grads, metrics)
 
+  return step
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
   # The old state is dead after the step; donating it lets XLA update buffers in place.
-  return jax.jit(step, donate_argnums=0)
+  return jax.jit(train_step_fn(loss_fn, tx), donate_argnums=0)
 
 
 def make_logits_fn(model: nn.Module):

@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from kdjax import checkpoint, distill_data, evaluate, loop, optim, report, strategies
+from kdjax import checkpoint, distill_data, evaluate, loop, optim, parallel, report, strategies
 from kdjax import config as config_lib
 from kdjax import step as step_lib
 from kdjax.data import pipeline, text
@@ -82,6 +82,7 @@ def prepare_data(config, workdir: pathlib.Path) -> TaskData:
 
 
 def train_batches(config, ids, labels) -> pipeline.BatchIterator:
+  """Global batches of train.batch_size, of which this process assembles its rows."""
   return pipeline.BatchIterator(
     ids,
     labels,
@@ -91,6 +92,7 @@ def train_batches(config, ids, labels) -> pipeline.BatchIterator:
     shuffle=True,
     drop_remainder=True,
     bucket_window=config.data.bucket_window,
+    process_shard=(jax.process_index(), jax.process_count()),
   )
 
 
@@ -228,7 +230,12 @@ def _check_objective(config, workdir: pathlib.Path, vocab_size: int) -> None:
 
 
 def run_stage(
-  name: str, config, data: TaskData, workdir: pathlib.Path, writer: report.MetricsWriter
+  name: str,
+  config,
+  data: TaskData,
+  workdir: pathlib.Path,
+  writer: report.MetricsWriter,
+  data_parallel: parallel.DataParallel | None = None,
 ) -> dict:
   stage_dir = workdir / name
   result_path = stage_dir / 'result.json'
@@ -269,8 +276,12 @@ def run_stage(
     batches = train_batches(config, ids, labels)
     cached = []
     for t_model, t_params, _, t_dir in teachers:
-      t_logits, info = distill_data.cached_teacher_logits(
-        config, ids, data.tokenizer, t_dir, t_model, t_params
+      # One process writes the cache; the others then read it.
+      t_logits, info = parallel.lead_first(
+        f'{name} teacher cache',
+        lambda: distill_data.cached_teacher_logits(
+          config, ids, data.tokenizer, t_dir, t_model, t_params
+        ),
       )
       cached.append(t_logits)
       cache_infos.append(info)
@@ -350,7 +361,8 @@ def run_stage(
     teacher_params=teacher_params,
     evaluate=periodic_eval,
   )
-  trained, info = loop.train_stage(spec, batches, stage_dir, config.train, writer)
+  trained, info = loop.train_stage(spec, batches, stage_dir, config.train, writer, data_parallel)
+  lead = parallel.is_lead_process()
 
   result = {
     'steps': info['steps'],
@@ -367,8 +379,9 @@ def run_stage(
       **evaluate.model_stats(p),
     }
     export_dir = stage_dir / 'export' / m
-    checkpoint.export_model(export_dir, p, specs[m])
-    text.save_tokenizer(data.tokenizer, export_dir)
+    checkpoint.export_model(export_dir, p, specs[m])  # every process joins orbax's save
+    if lead:
+      text.save_tokenizer(data.tokenizer, export_dir)
   if pruned:
     from kdjax.compress import pruning
 
@@ -401,7 +414,10 @@ def run_stage(
       **{f'eval_{r}_accuracy': m['eval_accuracy'] for r, m in result['models'].items()},
     }
   )
-  report.write_json(result_path, result)
+  if lead:
+    report.write_json(result_path, result)
+  # The next stage may read this one's export and result on any process.
+  parallel.barrier(f'{name} done')
   return result
 
 
@@ -451,22 +467,45 @@ def _export_logits(export_dir: pathlib.Path, make_eval) -> np.ndarray:
   return evaluate.predict_logits(step_lib.make_logits_fn(model), params, make_eval())
 
 
+class _SilentWriter:
+  """The metrics writer of every process but the lead one: drops whatever it is given."""
+
+  def __getattr__(self, name):
+    return lambda *args, **kwargs: None
+
+
 def run(config, workdir) -> dict:
-  """Runs every stage of `config` in `workdir` and writes results.json and report.md."""
+  """Runs every stage of `config` in `workdir` and writes results.json and report.md.
+
+  Started as N processes (config.parallel.distributed), it runs as one job: every process
+  trains on its rows and joins checkpoint saves; process 0 writes logs and reports.
+  """
   config_lib.validate(config)
+  parallel.initialize_distributed(config.parallel.distributed)
+  data_parallel = parallel.DataParallel.from_config(config.parallel)
+  data_parallel.local_batch_size(config.train.batch_size)  # fails before any data work
+  lead = parallel.is_lead_process()
   workdir = pathlib.Path(workdir).expanduser().absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_config(config, workdir)
-  data = prepare_data(config, workdir)
+
+  def prepare() -> TaskData:
+    _check_config(config, workdir)
+    return prepare_data(config, workdir)
+
+  # The lead process writes config.json, the prepared dataset and the tokenizer first.
+  data = parallel.lead_first('prepare', prepare)
   _check_objective(config, workdir, len(data.tokenizer))
-  print(
-    f'data: {len(data.train_ids)} train / {len(data.eval_ids)} {config.data.eval_split} '
-    f'examples, vocabulary {len(data.tokenizer)}; devices: {jax.devices()}',
-    flush=True,
-  )
-  writer = report.MetricsWriter(workdir / 'metrics.jsonl')
+  if lead:
+    print(
+      f'data: {len(data.train_ids)} train / {len(data.eval_ids)} {config.data.eval_split} '
+      f'examples, vocabulary {len(data.tokenizer)}; parallel {config.parallel.mode} over '
+      f'{jax.device_count()} devices in {jax.process_count()} process(es) '
+      f'({jax.devices()[0].device_kind})',
+      flush=True,
+    )
+  writer = report.MetricsWriter(workdir / 'metrics.jsonl') if lead else _SilentWriter()
   names = strategies.stage_names(config)
-  stages = {name: run_stage(name, config, data, workdir, writer) for name in names}
+  stages = {name: run_stage(name, config, data, workdir, writer, data_parallel) for name in names}
   last_generation = strategies.generation_stage(config.distill.generations)
   candidates = (last_generation, 'online', 'student_alone', 'mutual')
   student_stage = next((s for s in candidates if s in stages), None)
@@ -484,7 +523,8 @@ def run(config, workdir) -> dict:
     'final_student': f'{student_stage}/export/{final_role}' if student_stage else None,
     'wall_time_sec': sum(s['wall_time_sec'] for s in stages.values()),
   }
-  report.write_json(workdir / 'results.json', results)
-  report.write_report(workdir / 'report.md', results)
-  print(report.format_table(stages), flush=True)
+  if lead:
+    report.write_json(workdir / 'results.json', results)
+    report.write_report(workdir / 'report.md', results)
+    print(report.format_table(stages), flush=True)
   return results

@@ -2,7 +2,14 @@
 
 import os
 
-import jax
+# 8 simulated CPU devices for the data-parallel tests; set before JAX starts its backend.
+# Single-device code keeps running on the first device.
+if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+  ).strip()
+
+import jax  # noqa: E402
 import pytest
 
 # Accidental broadcasting between [B] and [B, 1] is a classic silent loss bug.

@@ -73,6 +73,11 @@ def test_default_schema_validates():
     ('stages', ('teacher', 'teacher'), 'each stage at most once'),
     ('teacher_optim.schedule', 'exp', 'one of constant, linear, cosine'),
     ('teacher.path', '/nonexistent/run', 'no trained teacher found'),
+    ('parallel.mode', 'ddp', "config.parallel.mode='ddp' is invalid: one of single, pmap"),
+    ('parallel.params', 'fsdp', "fsdp needs parallel.mode='mesh' (mode is 'single')"),
+    ('parallel.teacher', 'zero3', "config.parallel.teacher='zero3' is invalid"),
+    ('parallel.distributed.initialize', 'yes', 'one of never, auto, always'),
+    ('parallel.distributed.process_id', -2, '-1 (unset) or >= 0'),
   ],
 )
 def test_bad_values_are_named(key, value, fragment):
@@ -145,4 +150,19 @@ def test_workdir_written_before_new_schema_keys_still_resumes(tmp_path):
   train._check_config(config, tmp_path)  # resumes
   config.distill.generations = 2
   with pytest.raises(config_lib.ConfigError, match=r'config\.distill\.generations was None, now 2'):
+    train._check_config(config, tmp_path)
+
+
+def test_a_workdir_resumes_on_another_parallel_layout(tmp_path):
+  """Where a run executes (parallel.*) may change between runs of one workdir; what it
+  computes may not."""
+  from kdjax import train
+
+  config = default.get_config()
+  train._check_config(config, tmp_path)
+  config.parallel.mode = 'mesh'
+  config.parallel.params = 'fsdp'
+  train._check_config(config, tmp_path)  # resumes
+  config.train.batch_size = 128
+  with pytest.raises(config_lib.ConfigError, match=r'config\.train\.batch_size was 64, now 128'):
     train._check_config(config, tmp_path)

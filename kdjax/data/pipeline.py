@@ -99,6 +99,7 @@ class BatchIterator:
     drop_remainder: bool,
     bucket_window: int = 50,
     sort_by_length: bool = False,
+    process_shard: tuple[int, int] = (0, 1),
   ):
     if len(token_ids) != len(labels):
       raise ValueError(f'{len(token_ids)} sequences but {len(labels)} labels')
@@ -117,6 +118,15 @@ class BatchIterator:
     self.sort_by_length = sort_by_length
     self.drop_remainder = drop_remainder
     self.bucket_window = bucket_window
+    # (this process, process count) of a multi-host job: every process walks the same global
+    # order and pads to the same bucket, but assembles only its contiguous block of rows.
+    index, count = process_shard
+    if not 0 <= index < count or batch_size % count:
+      raise ValueError(
+        f'process_shard={process_shard}: need 0 <= index < count and batch_size '
+        f'{batch_size} divisible by count'
+      )
+    self.process_shard = (int(index), int(count))
     # Lengths after truncation to the largest bucket: what the batch actually holds.
     self._lengths = np.array([min(len(t), self.buckets[-1]) for t in token_ids], dtype=np.int64)
     n = len(token_ids)
@@ -160,20 +170,25 @@ class BatchIterator:
   # -- assembly ----------------------------------------------------------------------
 
   def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Pads the examples at `indices` (at most batch_size) to a full batch."""
+    """Pads the examples at `indices` (at most batch_size) to a full batch (this process's
+    block of its rows in a multi-host job)."""
     size, real = self.batch_size, len(indices)
     longest = int(self._lengths[indices].max())
     length = next(b for b in self.buckets if b >= longest)
     # Filler rows repeat the first example (see class docstring).
     rows = np.concatenate([indices, np.full(size - real, indices[0], dtype=indices.dtype)])
+    weights = np.zeros(size, dtype=np.float32)
+    weights[:real] = 1.0
+    index, count = self.process_shard
+    if count > 1:
+      block = slice(index * size // count, (index + 1) * size // count)
+      rows, weights, size = rows[block], weights[block], size // count
     input_ids = np.zeros((size, length), dtype=np.int32)  # 0 == [PAD]
     attention_mask = np.zeros((size, length), dtype=np.int32)
     for r, i in enumerate(rows):
       ids = self.token_ids[i][:length]
       input_ids[r, : len(ids)] = ids
       attention_mask[r, : len(ids)] = 1
-    weights = np.zeros(size, dtype=np.float32)
-    weights[:real] = 1.0
     return {
       'input_ids': input_ids,
       'attention_mask': attention_mask,
