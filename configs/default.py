@@ -171,6 +171,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 250  # steps between checkpoints; a multiple of log_every
   c.train.keep_checkpoints = 2  # newest checkpoints kept per stage
   c.train.eval_batch_size = 256
+  # A NaN/Inf loss, gradient or metric: 'stop' (error naming step and term, last good
+  # checkpoint kept) or 'skip' (the step changes nothing; counted; at most max_skipped_steps).
+  c.train.nonfinite = 'stop'
+  c.train.max_skipped_steps = 10
 
   c.parallel = parallel()
   return c

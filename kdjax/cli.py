@@ -46,14 +46,22 @@ def _one_line(message: str) -> str:
   return ' '.join(' '.join(lines).replace("'", '').replace('\\', '').split())
 
 
+# A run stopped by SIGTERM/preemption after saving exits as a SIGTERM-killed process would.
+PREEMPTED_EXIT_CODE = 143
+
+
 @contextlib.contextmanager
 def exit_on_user_errors():
-  """Expected failures (bad config, data, checkpoint; divergence) end as one line, exit 2."""
+  """Expected failures (bad config, data, checkpoint; divergence) end as one line, exit 2;
+  a preempted run (checkpoint saved) as one line, exit 143."""
   try:
     yield
   except USER_ERRORS as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except loop.Preempted as e:
+    print(f'stopped: {e}', file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def run_config_main(run: Callable[[Any, str], Any]) -> None:

@@ -248,6 +248,8 @@ def validate(config) -> None:
   ):
     _require(t[name] >= 1, f'train.{name}', t[name], 'must be >= 1')
   _require(t.eval_every >= 0, 'train.eval_every', t.eval_every, 'must be >= 0 (0 = at the end)')
+  _require(t.nonfinite in ('stop', 'skip'), 'train.nonfinite', t.nonfinite, 'stop or skip')
+  _require(t.max_skipped_steps >= 0, 'train.max_skipped_steps', t.max_skipped_steps, 'must be >= 0')
   _require(
     t.checkpoint_every % t.log_every == 0,
     'train.checkpoint_every',

@@ -1,14 +1,19 @@
-"""The one training loop every stage runs: steps, progress, metrics, checkpoints, resume."""
+"""The one training loop every stage runs: steps, progress, metrics, checkpoints, resume,
+non-finite guards and preemption."""
 
+import contextlib
 import dataclasses
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from kdjax import checkpoint, parallel, report
 from kdjax import step as step_lib
@@ -16,6 +21,41 @@ from kdjax import step as step_lib
 
 class TrainingDiverged(FloatingPointError):
   """A loss or gradient became NaN/Inf; the last checkpoint before it is kept."""
+
+
+class Preempted(RuntimeError):
+  """SIGTERM (or a TPU preemption notice) stopped training after a checkpoint of the current
+  step was saved; the same command resumes there."""
+
+
+NONFINITE_POLICIES = ('stop', 'skip')
+
+
+@contextlib.contextmanager
+def _termination_requests():
+  """An Event set by SIGTERM while training (main thread of a one-process job only: in a
+  multi-process job the processes must agree on the step, which JAX's preemption sync
+  point does)."""
+  requested = threading.Event()
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    yield requested
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: requested.set())
+  try:
+    yield requested
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _preemption_noticed(step: int) -> bool:
+  """True once every process of a multi-process job reached `step` after a preemption notice
+  (the TPU maintenance-event / SIGTERM service started by jax.distributed)."""
+  if jax.process_count() == 1:
+    return False
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # the preemption service is not running in this cluster
+    return False
 
 
 @dataclasses.dataclass
@@ -29,6 +69,26 @@ class StageSpec:
   steps: int
   teacher_params: Any = None  # frozen teacher, or None
   evaluate: Callable[[Any], dict] | None = None  # params -> {metric: value}
+
+
+class _Finisher:
+  """`close()` waits for a stage's pending checkpoint saves, then releases the manager."""
+
+  def __init__(self, ckpt: checkpoint.StageCheckpointer):
+    self.ckpt = ckpt
+
+  def close(self) -> None:
+    self.ckpt.wait()
+    self.ckpt.close()
+
+
+def _nonfinite(metrics: dict) -> list[str]:
+  """Names of the step's metrics (loss terms, gradient norm) that are NaN or Inf."""
+  return [
+    name
+    for name, (total, count) in metrics.items()
+    if not (math.isfinite(float(total)) and math.isfinite(float(count)))
+  ]
 
 
 def _means(sums: dict) -> dict:
@@ -64,81 +124,112 @@ def train_stage(
       f'[{spec.name}] resumed from step {step_done} ({ckpt.directory / str(step_done)})',
       flush=True,
     )
-  train_step = dp.train_step(spec.loss_fn, spec.tx)
+  policy = train_cfg.get('nonfinite', 'stop')
+  skipped = int(restored[1].get('skipped_steps', 0)) if restored is not None else 0
+  train_step = dp.train_step(spec.loss_fn, spec.tx, skip_nonfinite=policy == 'skip')
   teacher_params = dp.put_teacher(spec.teacher_params)
+
+  def save(step: int) -> None:
+    ckpt.save(step, state, {**batches.get_state(), 'skipped_steps': skipped})
 
   sums, interval_examples, interval_steps, compiled_shapes = None, 0, 0, set()
   interval_compiled = False
   steady_examples, steady_seconds = 0, 0.0
   interval_start = time.perf_counter()
   first_step = int(parallel.to_host(state.step)) + 1
-  for step in range(first_step, spec.steps + 1):
-    batch = next(batches)
-    shape = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
-    # The first batch of each new input shape compiles; keep it out of the throughput.
-    interval_compiled |= shape not in compiled_shapes
-    compiled_shapes.add(shape)
-    state, metrics = train_step(state, teacher_params, dp.put_batch(batch))
-    metrics = parallel.to_host(metrics)
-    sums = metrics if sums is None else jax.tree_util.tree_map(np.add, sums, metrics)
-    # This process's rows; the others feed as many.
-    interval_examples += int(batch['weights'].sum()) * jax.process_count()
-    interval_steps += 1
-
-    if step % train_cfg.log_every == 0 or step == spec.steps:
-      means = _means(sums)
-      bad = [k for k, v in means.items() if not math.isfinite(v)]
-      if bad:
+  # However the loop ends (divergence, preemption, an error, Ctrl-C), saves already started
+  # are finished first, so the checkpoints an error message points to exist.
+  with contextlib.closing(_Finisher(ckpt)), _termination_requests() as terminate:
+    for step in range(first_step, spec.steps + 1):
+      batch = next(batches)
+      shape = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
+      # The first batch of each new input shape compiles; keep it out of the throughput.
+      interval_compiled |= shape not in compiled_shapes
+      compiled_shapes.add(shape)
+      state, metrics = train_step(state, teacher_params, dp.put_batch(batch))
+      metrics = parallel.to_host(metrics)
+      metrics.pop('skipped', None)  # the step's own verdict; equal to `bad` being non-empty
+      bad = _nonfinite(metrics)
+      if bad and policy == 'stop':
+        last = ckpt.latest_step()
         raise TrainingDiverged(
-          f'[{spec.name}] non-finite {", ".join(bad)} at step {step} (values '
-          f'{ {k: means[k] for k in bad} }); the last good checkpoint is kept in '
-          f'{ckpt.directory}'
+          f'[{spec.name}] non-finite {", ".join(bad)} at step {step}; '
+          + (
+            f'the last good checkpoint (step {last}) is kept in {ckpt.directory}'
+            if last is not None
+            else 'no checkpoint was written before it'
+          )
+          + "; set train.nonfinite='skip' to skip such steps"
         )
-      seconds = time.perf_counter() - interval_start
-      if not interval_compiled:
-        steady_examples += interval_examples
-        steady_seconds += seconds
-      rate = interval_examples / seconds
-      writer.write(
-        {
-          'stage': spec.name,
-          'step': step,
-          'learning_rate': float(spec.schedule(step)),
-          'examples_per_sec': rate,
-          **means,
-        }
-      )
-      eta = (spec.steps - step) * seconds / interval_steps
-      say(
-        f'[{spec.name}] step {step}/{spec.steps} loss {means["loss"]:.4f} '
-        f'acc {means["accuracy"]:.3f} {rate:.0f} ex/s eta {eta:.0f}s',
-        flush=True,
-      )
-      sums, interval_examples, interval_steps, interval_compiled = None, 0, 0, False
-      interval_start = time.perf_counter()
+      if bad:
+        skipped += 1
+        say(f'[{spec.name}] step {step} skipped: non-finite {", ".join(bad)}', flush=True)
+        if skipped > train_cfg.get('max_skipped_steps', 0):
+          raise TrainingDiverged(
+            f'[{spec.name}] {skipped} non-finite steps skipped (the last at step {step}: '
+            f'{", ".join(bad)}), more than train.max_skipped_steps='
+            f'{train_cfg.get("max_skipped_steps", 0)}; the last good checkpoint is kept in {ckpt.directory}'
+          )
+      else:
+        sums = metrics if sums is None else jax.tree_util.tree_map(np.add, sums, metrics)
+        # This process's rows; the others feed as many.
+        interval_examples += int(batch['weights'].sum()) * jax.process_count()
+        interval_steps += 1
 
-    if (
-      spec.evaluate
-      and train_cfg.eval_every
-      and step % train_cfg.eval_every == 0
-      and step != spec.steps
-    ):
-      values = spec.evaluate(parallel.to_host(state.params))
-      writer.write(
-        {'stage': spec.name, 'step': step, **{f'eval_{k}': v for k, v in values.items()}}
-      )
-      say(
-        f'[{spec.name}] step {step} eval ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()),
-        flush=True,
-      )
-      interval_start = time.perf_counter()
+      if (step % train_cfg.log_every == 0 or step == spec.steps) and sums is not None:
+        means = _means(sums)
+        seconds = time.perf_counter() - interval_start
+        if not interval_compiled:
+          steady_examples += interval_examples
+          steady_seconds += seconds
+        rate = interval_examples / seconds
+        writer.write(
+          {
+            'stage': spec.name,
+            'step': step,
+            'learning_rate': float(spec.schedule(step)),
+            'examples_per_sec': rate,
+            'skipped_steps': skipped,
+            **means,
+          }
+        )
+        eta = (spec.steps - step) * seconds / interval_steps
+        say(
+          f'[{spec.name}] step {step}/{spec.steps} loss {means["loss"]:.4f} '
+          f'acc {means["accuracy"]:.3f} {rate:.0f} ex/s eta {eta:.0f}s',
+          flush=True,
+        )
+        sums, interval_examples, interval_steps, interval_compiled = None, 0, 0, False
+        interval_start = time.perf_counter()
 
-    if step % train_cfg.checkpoint_every == 0 or step == spec.steps:
-      ckpt.save(step, state, batches.get_state())
-  ckpt.wait()
-  ckpt.close()
+      if (
+        spec.evaluate
+        and train_cfg.eval_every
+        and step % train_cfg.eval_every == 0
+        and step != spec.steps
+      ):
+        values = spec.evaluate(parallel.to_host(state.params))
+        writer.write(
+          {'stage': spec.name, 'step': step, **{f'eval_{k}': v for k, v in values.items()}}
+        )
+        say(
+          f'[{spec.name}] step {step} eval ' + ' '.join(f'{k} {v:.4f}' for k, v in values.items()),
+          flush=True,
+        )
+        interval_start = time.perf_counter()
+
+      # A sync point in a multi-process job: every process asks once per step.
+      stop = terminate.is_set() or _preemption_noticed(step)
+      if stop or step % train_cfg.checkpoint_every == 0 or step == spec.steps:
+        save(step)
+      if stop:
+        raise Preempted(
+          f'[{spec.name}] stopped by SIGTERM/preemption at step {step}/{spec.steps}; '
+          f'checkpoint saved in {ckpt.directory / str(step)}; run the same command to resume'
+        )
   info = {
     'steps': spec.steps,
+    'skipped_steps': skipped,
     'train_examples_per_sec': (
       steady_examples / steady_seconds if steady_seconds else float('nan')
     ),

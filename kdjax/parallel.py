@@ -215,14 +215,17 @@ class DataParallel:
 
   # -- the step ------------------------------------------------------------------------
 
-  def train_step(self, loss_fn: step_lib.LossFn, tx: optax.GradientTransformation):
-    """`step(state, teacher_params, placed_batch) -> (state, metrics)` for this mode."""
+  def train_step(
+    self, loss_fn: step_lib.LossFn, tx: optax.GradientTransformation, skip_nonfinite=False
+  ):
+    """`step(state, teacher_params, placed_batch) -> (state, metrics)` for this mode;
+    `skip_nonfinite`: see step_lib.apply_gradients."""
     if self.mode == 'single':
-      return step_lib.make_train_step(loss_fn, tx)
+      return step_lib.make_train_step(loss_fn, tx, skip_nonfinite)
     if self.mode == 'mesh':
       # The global step body as on one device; the partitioner splits it over the mesh.
-      return jax.jit(step_lib.train_step_fn(loss_fn, tx), donate_argnums=0)
-    body = per_device_step(loss_fn, tx, AXIS)
+      return jax.jit(step_lib.train_step_fn(loss_fn, tx, skip_nonfinite), donate_argnums=0)
+    body = per_device_step(loss_fn, tx, AXIS, skip_nonfinite)
     if self.mode == 'pmap':
       return jax.pmap(
         body, axis_name=AXIS, in_axes=(None, None, 0), out_axes=(None, None), donate_argnums=0
@@ -239,7 +242,9 @@ class DataParallel:
     return jax.jit(mapped, donate_argnums=0)
 
 
-def per_device_step(loss_fn: step_lib.LossFn, tx: optax.GradientTransformation, axis: str):
+def per_device_step(
+  loss_fn: step_lib.LossFn, tx: optax.GradientTransformation, axis: str, skip_nonfinite=False
+):
   """The step one device runs inside pmap/shard_map: local forward and backward on its rows,
   gradients and (sum, count) metrics summed over `axis`, the same update on every device."""
 
@@ -255,8 +260,9 @@ def per_device_step(loss_fn: step_lib.LossFn, tx: optax.GradientTransformation, 
     # `loss` is this device's share of the global mean; the objectives' own 'loss' metric
     # was built from the local count, so it is rebuilt from the global pieces.
     count = jax.lax.psum(jnp.sum(batch['weights'].astype(jnp.float32)), axis)
-    metrics['loss'] = (jax.lax.psum(loss, axis) * count, count)
-    return step_lib.apply_gradients(state, tx, grads, metrics)
+    loss = jax.lax.psum(loss, axis)
+    metrics['loss'] = (loss * count, count)
+    return step_lib.apply_gradients(state, tx, grads, metrics, loss if skip_nonfinite else None)
 
   return step
 

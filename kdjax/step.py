@@ -208,32 +208,54 @@ def online_loss_fn(
   return loss_fn
 
 
-def apply_gradients(state: TrainState, tx: optax.GradientTransformation, grads, metrics):
-  """One optimizer update from (already reduced) gradients; adds the gradient norm."""
+def apply_gradients(
+  state: TrainState,
+  tx: optax.GradientTransformation,
+  grads,
+  metrics,
+  loss: jax.Array | None = None,
+):
+  """One optimizer update from (already reduced) gradients; adds the gradient norm.
+
+  With `loss` given (the 'skip' non-finite policy), a step whose loss, gradient norm or any
+  metric is NaN/Inf leaves params and optimizer state as they were and reports `skipped` = 1; the
+  step counter still advances, so the data order and dropout keys stay those of the run.
+  """
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics['grad_norm'] = (optax.tree.norm(grads), jnp.ones((), jnp.float32))
+  one = jnp.ones((), jnp.float32)
+  metrics['grad_norm'] = (grad_norm, one)
+  if loss is not None:
+    # Every reported figure, so the host's check (loop._nonfinite) sees the same verdict.
+    finite = jnp.isfinite(loss) & jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(metrics)])
+    )
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics['skipped'] = (1.0 - finite.astype(jnp.float32), one)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
 
-def train_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation):
+def train_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation, skip_nonfinite=False):
   """The un-jitted step over a whole (global) batch; kdjax.parallel compiles it per mode."""
 
   def step(state: TrainState, teacher_params, batch: Batch):
     # fold_in ties dropout noise to the step number, so a resumed run draws the same masks.
     rng = jax.random.fold_in(state.rng, state.step)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, teacher_params, batch, rng, state.step
     )
-    return apply_gradients(state, tx, grads, metrics)
+    return apply_gradients(state, tx, grads, metrics, loss if skip_nonfinite else None)
 
   return step
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation):
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, skip_nonfinite=False):
   # The old state is dead after the step; donating it lets XLA update buffers in place.
-  return jax.jit(train_step_fn(loss_fn, tx), donate_argnums=0)
+  return jax.jit(train_step_fn(loss_fn, tx, skip_nonfinite), donate_argnums=0)
 
 
 def make_logits_fn(model: nn.Module):

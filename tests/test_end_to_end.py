@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,22 +14,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from kdjax import checkpoint
+from tests.tiny_run import main_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _command(workdir, tfds_dir, *overrides):
-  return [
-    sys.executable,
-    '-m',
-    'kdjax.main',
-    '--config=experiments/sst2_from_scratch.py:runlocal,student=cnn',
-    f'--workdir={workdir}',
-    f'--config.data.tfds_data_dir={tfds_dir}',
-    '--config.data.train_limit=3000',
-    "--config.stages=('teacher','distill')",
-    *overrides,
-  ]
+  return main_command(workdir, f'--config.data.tfds_data_dir={tfds_dir}', *overrides)
 
 
 def _run(workdir, tfds_dir, *overrides):
@@ -90,6 +82,48 @@ def test_sigkill_midway_then_resume_matches_uninterrupted(uninterrupted, tmp_pat
   want = json.loads((reference / 'results.json').read_text())
   got = json.loads((workdir / 'results.json').read_text())
   assert got['summary'] == want['summary']
+  a, b = (
+    _export_params(reference, 'distill', 'student'),
+    _export_params(workdir, 'distill', 'student'),
+  )
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_sigterm_saves_the_current_step_exits_then_resumes(uninterrupted, tmp_path, tfds_dir):
+  """A preemption notice (SIGTERM) mid-stage: a checkpoint of the step in progress, one
+  line, exit 143; the same command resumes there and ends bit-identical."""
+  reference, _ = uninterrupted
+  workdir = tmp_path / 'terminated'
+  proc = subprocess.Popen(
+    _command(workdir, tfds_dir),
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  marker = workdir / 'distill' / 'checkpoints' / '10'
+  deadline = time.time() + 500
+  while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be stopped'
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  (line,) = err.strip().splitlines()[-1:]
+  match = re.fullmatch(
+    r'stopped: \[distill\] stopped by SIGTERM/preemption at step (\d+)/20; checkpoint saved '
+    r'in (\S+); run the same command to resume',
+    line,
+  )
+  assert match, line
+  step = int(match.group(1))
+  assert 10 <= step <= 20 and pathlib.Path(match.group(2)) == marker.parent / str(step)
+  assert (marker.parent / str(step) / checkpoint.MANIFEST).is_file()  # complete, verified
+
+  resumed = _run(workdir, tfds_dir)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  if step < 20:
+    assert f'[distill] resumed from step {step}' in resumed.stdout
   a, b = (
     _export_params(reference, 'distill', 'student'),
     _export_params(workdir, 'distill', 'student'),

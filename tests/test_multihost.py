@@ -8,28 +8,22 @@ import os
 import pathlib
 import socket
 import subprocess
-import sys
 
 import chex
 import numpy as np
 import pytest
 
 from kdjax import checkpoint
+from tests.tiny_run import main_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 10
 
 
 def _command(workdir, tfds_dir, mode):
-  return [
-    sys.executable,
-    '-m',
-    'kdjax.main',
-    '--config=experiments/sst2_from_scratch.py:runlocal,student=cnn',
-    f'--workdir={workdir}',
+  return main_command(
+    workdir,
     f'--config.data.tfds_data_dir={tfds_dir}',
-    '--config.data.train_limit=2000',
-    "--config.stages=('teacher','distill')",
     f'--config.train.teacher_steps={STEPS}',
     f'--config.train.student_steps={STEPS}',
     '--config.train.batch_size=32',
@@ -38,7 +32,8 @@ def _command(workdir, tfds_dir, mode):
     # embedding rows) into whole steps, which would hide a real mismatch in noise.
     '--config.teacher_optim.name=sgd',
     '--config.student_optim.name=sgd',
-  ]
+    train_limit=2000,
+  )
 
 
 def _env(devices, **extra):

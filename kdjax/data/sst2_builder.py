@@ -44,7 +44,35 @@ def find_split_file(raw_dir: str | os.PathLike, split: str) -> Path:
 
 
 def _open_binary(path: Path) -> IO[bytes]:
+  if not path.is_file():
+    raise DataError(f'{path}: file not found')
   return gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
+
+
+class TsvReader:
+  """Rows of a GLUE-style TSV (no quoting: a `"` in a sentence is literal text), each line
+  decoded as UTF-8; what csv cannot parse (a stray carriage return inside a line) becomes a
+  DataError naming file and line. `line_num` is the line of the last row returned."""
+
+  def __init__(self, f: IO[bytes], path: Path):
+    self.path = path
+    self._reader = csv.reader(_utf8_lines(f, path), delimiter='\t', quoting=csv.QUOTE_NONE)
+
+  @property
+  def line_num(self) -> int:
+    return self._reader.line_num
+
+  def __iter__(self) -> 'TsvReader':
+    return self
+
+  def __next__(self) -> list[str]:
+    try:
+      return next(self._reader)
+    except csv.Error as e:
+      raise DataError(
+        f'{self.path}:{self._reader.line_num + 1}: unparseable line ({e}); expected '
+        'tab-separated fields, one row per line'
+      ) from None
 
 
 def _utf8_lines(f: IO[bytes], path: Path) -> Iterator[str]:
@@ -78,8 +106,7 @@ def read_sst2_tsv(path: str | os.PathLike, split: str) -> Iterator[tuple[int, st
   expected_text = repr('\t'.join(expected_header))
   labeled = split != 'test'
   with _open_binary(path) as f:
-    # QUOTE_NONE: GLUE TSVs have no quoting, so a `"` in a sentence is literal text.
-    reader = csv.reader(_utf8_lines(f, path), delimiter='\t', quoting=csv.QUOTE_NONE)
+    reader = TsvReader(f, path)
     header = next(reader, None)
     if header != expected_header:
       found = repr('\t'.join(header)) if header else 'missing'

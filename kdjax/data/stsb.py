@@ -7,7 +7,6 @@ silently dropped pair would change the Spearman correlation every result is comp
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from kdjax.data.errors import DataError
 
 # The shared helpers decode line by line so a bad byte is reported with its line number.
-from kdjax.data.sst2_builder import _open_binary, _utf8_lines
+from kdjax.data.sst2_builder import TsvReader, _open_binary
 
 DEFAULT_DIR = Path(__file__).resolve().parent / 'raw' / 'stsb'
 SPLITS = ('train', 'dev')
@@ -56,8 +55,8 @@ def read_stsb(path: str | os.PathLike) -> StsPairs:
     raise DataError(f'{path}: STS-B file not found')
   firsts, seconds, scores = [], [], []
   with _open_binary(path) as f:
-    # QUOTE_NONE: sentences contain unbalanced '"' that a quoting reader would merge.
-    reader = csv.reader(_utf8_lines(f, path), delimiter='\t', quoting=csv.QUOTE_NONE)
+    # No quoting: sentences contain unbalanced '"' that a quoting reader would merge.
+    reader = TsvReader(f, path)
     header = next(reader, None)
     if header is None:
       raise DataError(f'{path}: empty file; expected a header row with {", ".join(_COLUMNS)}')
