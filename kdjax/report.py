@@ -1,6 +1,8 @@
-"""Run outputs a person and a script can both read: metrics.jsonl, results.json, report.md."""
+"""Run outputs a person and a script can both read: metrics.jsonl (mirrored to TensorBoard
+event files), results.json, report.md."""
 
 import json
+import math
 import os
 import pathlib
 
@@ -15,24 +17,137 @@ def write_json(path: str | os.PathLike, obj) -> None:
   os.replace(tmp, path)
 
 
+TENSORBOARD_DIR = 'tensorboard'  # next to metrics.jsonl; `tensorboard --logdir=<workdir>`
+
+
+def read_json(path: str | os.PathLike):
+  return json.loads(pathlib.Path(path).read_text())
+
+
 class MetricsWriter:
-  """Appends one JSON object per line; on resume drops records past the restored step."""
+  """Appends one JSON object per line; on resume drops records past the restored step.
+
+  Every numeric scalar of a record is mirrored to TensorBoard (tensorboardX event files in
+  `tensorboard/` next to the JSONL file) as `<stage>/<key>` at `record['step']`.
+  metrics.jsonl stays the source of truth: a resume that drops records rebuilds the event
+  files from the kept records, so TensorBoard never shows steps a killed run redid.
+  """
 
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
+    self.tb_dir = self.path.parent / TENSORBOARD_DIR
+    self._tb = None  # opened on first use: a run that writes nothing leaves no event file
 
   def truncate_after(self, stage: str, step: int) -> None:
     if not self.path.exists():
       return
-    records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    records = read_metrics(self.path)
     kept = [r for r in records if not (r.get('stage') == stage and r.get('step', 0) > step)]
     tmp = self.path.with_suffix('.tmp')
     tmp.write_text(''.join(json.dumps(r, sort_keys=True) + '\n' for r in kept))
     os.replace(tmp, self.path)
+    self._rebuild_tensorboard(kept)
 
   def write(self, record: dict) -> None:
     with self.path.open('a') as f:
       f.write(json.dumps(record, sort_keys=True) + '\n')
+    if self._write_scalars(record):
+      self._tb.flush()  # a SIGKILL loses nothing already in metrics.jsonl
+
+  def write_hparams(self, hparams: dict) -> None:
+    """Records a run's hyperparameters (e.g. its config, nested dicts allowed) for TensorBoard:
+    a text table under `hparams` and the HParams dashboard's session summary. Kept in
+    tensorboard/hparams.json too, so a rebuild after a resume writes them again."""
+    # The HParams plugin takes bool, int, float or str values; a tuple becomes its JSON text.
+    flat = {
+      k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v)
+      for k, v in flatten(hparams).items()
+    }
+    self.tb_dir.mkdir(parents=True, exist_ok=True)
+    write_json(self.tb_dir / 'hparams.json', flat)
+    self._write_hparams(flat)
+    self._tb_writer().flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __del__(self):
+    # A notebook may start many runs in one process: each run's event file is closed (and
+    # its writer thread ended) once its writer is dropped.
+    try:
+      self.close()
+    except Exception:  # at interpreter exit the modules close() needs may be gone
+      pass
+
+  def _tb_writer(self):
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # imported on first write: `import kdjax` stays cheap
+
+      self.tb_dir.mkdir(parents=True, exist_ok=True)
+      self._tb = SummaryWriter(logdir=str(self.tb_dir), flush_secs=10)
+    return self._tb
+
+  def _write_scalars(self, record: dict) -> bool:
+    """Adds the record's numeric scalars; False if it has none (or no step)."""
+    stage, step = record.get('stage', 'run'), record.get('step')
+    scalars = {
+      k: v
+      for k, v in record.items()
+      if k not in ('stage', 'step') and not isinstance(v, bool) and _is_number(v)
+    }
+    if step is None or not scalars:
+      return False
+    writer = self._tb_writer()
+    for key, value in scalars.items():
+      writer.add_scalar(f'{stage}/{key}', float(value), int(step))
+    return True
+
+  def _write_hparams(self, flat: dict) -> None:
+    from tensorboardX.summary import hparams as hparams_summary
+
+    writer = self._tb_writer()
+    lines = ['| key | value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in flat.items()]
+    writer.add_text('hparams', '\n'.join(lines), 0)
+    for summary in hparams_summary(flat, {}):
+      writer.file_writer.add_summary(summary)
+
+  def _rebuild_tensorboard(self, records: list[dict]) -> None:
+    self.close()
+    if self.tb_dir.is_dir():
+      for old in self.tb_dir.glob('events.out.tfevents.*'):
+        old.unlink()
+    hparams_path = self.tb_dir / 'hparams.json'
+    if hparams_path.is_file():
+      self._write_hparams(json.loads(hparams_path.read_text()))
+    for record in records:
+      self._write_scalars(record)
+    if records or hparams_path.is_file():
+      self._tb_writer().flush()
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+  """The records of a metrics.jsonl file, in order."""
+  lines = pathlib.Path(path).read_text().splitlines()
+  return [json.loads(line) for line in lines if line.strip()]
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+  """{'a': {'b': 1}} -> {'a.b': 1}: a nested config as dotted keys (sweep overrides use the
+  same names)."""
+  out = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      out.update(flatten(value, f'{name}.'))
+    else:
+      out[name] = value
+  return out
 
 
 def _pct(x):

@@ -504,6 +504,7 @@ def run(config, workdir) -> dict:
       flush=True,
     )
   writer = report.MetricsWriter(workdir / 'metrics.jsonl') if lead else _SilentWriter()
+  writer.write_hparams(json.loads(config.to_json_best_effort()))  # TensorBoard's HParams
   names = strategies.stage_names(config)
   stages = {name: run_stage(name, config, data, workdir, writer, data_parallel) for name in names}
   last_generation = strategies.generation_stage(config.distill.generations)
