@@ -162,6 +162,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.prune.update_every = 50  # steps between mask updates
   c.prune.stages = ('distill',)  # which student stages prune: student_alone, distill
 
+  # Quantization-aware training: the student's forward pass sees its weights fake-quantized
+  # (straight-through gradients) as `kdjax.ptq` with the same settings will store them.
+  c.quant = ml_collections.ConfigDict()
+  c.quant.qat_bits = 0  # 0 (off) | 8 | 4
+  c.quant.symmetric = True
+  c.quant.per_channel = True  # one scale per output unit of a matrix
+  c.quant.rules = ('kernel$', 'embedding$')  # the weights kdjax.ptq quantizes by default
+  c.quant.exclude = ()
+  c.quant.stages = ('distill',)  # student_alone and/or distill
+
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
   c.train.teacher_steps = 1500  # steps of the teacher stage (and of the teacher in 'online')

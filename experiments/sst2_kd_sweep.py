@@ -5,8 +5,8 @@
   another teacher run, default runs/minilm_teacher)
 
 The student is experiments/sst2_minilm_students.py's BiLSTM (initialised from a PCA of the
-teacher's word embeddings, SST-2 + one augmented copy per sentence labelled by the cached
-teacher), trained 1,000 steps with loss (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T) for
+teacher's word embeddings), on SST-2 alone (no augmented copies, so the teacher-output cache
+fills in one pass over 67k sentences), trained 1,000 steps with loss (1 − α)·CE + α·T²·KL(teacher_T ‖ student_T) for
 T ∈ {1, 4} and α ∈ {0.5, 0.9}, seeds 0–2: 12 points, about 2–3 min each on 2 CPU cores.
 The sweep writes results.md / results.csv (mean ± std over seeds) and plots/ (a T × α
 heatmap, training curves); experiments/README.md records what they showed.
@@ -28,6 +28,7 @@ def get_config(arg: str = ''):
   )
   config.name = 'sst2_kd_sweep'
   config.stages = ('distill',)
+  config.distill.augment_copies = 0
   # Hinton's objective alone (the students' default adds logit MSE): what is swept.
   config.loss.weights.logit_mse = 0.0
   config.loss.weights.ce = 1.0 - ALPHAS[0]

@@ -215,6 +215,7 @@ def validate(config) -> None:
     )
 
   _validate_prune(config.prune)
+  _validate_quant(config.quant)
   validate_parallel(config.parallel)
 
   dc = config.distill
@@ -365,6 +366,19 @@ def validate_parallel(p) -> None:
   )
   _require(
     d.process_id >= -1, 'parallel.distributed.process_id', d.process_id, '-1 (unset) or >= 0'
+  )
+
+
+def _validate_quant(q) -> None:
+  _require(q.qat_bits in (0, 4, 8), 'quant.qat_bits', q.qat_bits, '0 (off), 4 or 8')
+  if not q.qat_bits:
+    return
+  _require(len(q.rules) > 0, 'quant.rules', tuple(q.rules), 'at least one regex')
+  _require(
+    len(q.stages) > 0 and all(s in PRUNE_STAGES for s in q.stages),
+    'quant.stages',
+    tuple(q.stages),
+    f'stages drawn from {", ".join(PRUNE_STAGES)}',
   )
 
 

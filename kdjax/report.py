@@ -178,6 +178,9 @@ def summary(stages: dict) -> dict:
   if 'mutual' in stages:
     out['mutual_mean_accuracy'] = stages['mutual']['mutual']['mean_eval_accuracy']
     out['mutual_ensemble_accuracy'] = stages['mutual']['mutual']['ensemble_eval_accuracy']
+  for stage in ('student_alone', 'distill'):
+    if 'qat' in stages.get(stage, {}):  # the accuracy of the weights kdjax.ptq will store
+      out[f'{stage}_quantized_accuracy'] = stages[stage]['qat']['eval_accuracy_quantized']
   generations = _generations(stages)
   if generations:
     for stage, accuracy in zip(generations['stages'][1:], generations['eval_accuracy'][1:]):

@@ -333,6 +333,9 @@ def run_stage(
   pruned = config.prune.method != 'none' and name in config.prune.stages
   if pruned:
     tx = optim.with_pruning(tx, config.prune, steps, with_heads)
+  qat = bool(config.quant.qat_bits) and base in config.quant.stages and not joint
+  if qat:
+    loss_fn = _quantization_aware(loss_fn, config.quant, with_heads)
 
   def as_members(p):
     if with_heads:
@@ -382,6 +385,10 @@ def run_stage(
     checkpoint.export_model(export_dir, p, specs[m])  # every process joins orbax's save
     if lead:
       text.save_tokenizer(data.tokenizer, export_dir)
+  if qat:
+    result['qat'] = _quantized_accuracy(
+      config.quant, as_members(trained)[only], logits_fns[only], make_eval, data.eval_labels
+    )
   if pruned:
     from kdjax.compress import pruning
 
@@ -419,6 +426,44 @@ def run_stage(
   # The next stage may read this one's export and result on any process.
   parallel.barrier(f'{name} done')
   return result
+
+
+def _fake_quant(quant_cfg, params):
+  from kdjax.compress import quantize  # compression is only imported by runs that use it
+
+  return quantize.fake_quant_params(
+    params,
+    quant_cfg.qat_bits,
+    quant_cfg.symmetric,
+    quant_cfg.per_channel,
+    tuple(quant_cfg.rules),
+    tuple(quant_cfg.exclude),
+  )
+
+
+def _quantization_aware(loss_fn, quant_cfg, with_heads: bool):
+  """`loss_fn` run on the student's fake-quantized weights (config.quant); distillation
+  heads, which are not exported, stay in float."""
+
+  def qat_loss_fn(params, teacher_params, batch, rng, step):
+    if with_heads:
+      params = {**params, 'student': _fake_quant(quant_cfg, params['student'])}
+    else:
+      params = _fake_quant(quant_cfg, params)
+    return loss_fn(params, teacher_params, batch, rng, step)
+
+  return qat_loss_fn
+
+
+def _quantized_accuracy(quant_cfg, params, logits_fn, make_eval, labels) -> dict:
+  """Dev accuracy of the weights as `kdjax.ptq` with the same settings stores them."""
+  quantized = jax.device_get(jax.jit(lambda p: _fake_quant(quant_cfg, p))(params))
+  return {
+    'bits': quant_cfg.qat_bits,
+    'eval_accuracy_quantized': evaluate.accuracy(
+      evaluate.predict_logits(logits_fn, quantized, make_eval()), labels
+    ),
+  }
 
 
 def _frozen_teachers(config, teachers, sources, weights, cache_infos, make_eval, labels):

@@ -9,7 +9,8 @@ a CNN student distilled from it) with a checkpoint every 5 steps. Kills alternat
   folder exists), the case atomic saves exist for;
 - `random`: a uniform random delay after the attempt has started training (or, for some,
   after the process started at all: imports, data preparation, compilation, export).
-After `--kills` kills the run is left to finish. The exports of both stages are compared
+The first half of the kills land in the teacher stage, the rest in the distill stage. After
+`--kills` kills the run is left to finish. The exports of both stages are compared
 bit for bit with the uninterrupted reference, and so are the reported accuracies. Prints
 one line per attempt and a summary; writes `<workdir>/crash_test.json`. Exit status 1 on any
 mismatch or failed resume.
@@ -46,11 +47,11 @@ def command(workdir: pathlib.Path, steps: int) -> list[str]:
   )
 
 
-def saves_in_flight(workdir: pathlib.Path, since: float = 0.0) -> set[str]:
+def saves_in_flight(workdir: pathlib.Path, since: float = 0.0, stage: str = '*') -> set[str]:
   """orbax save folders that exist now and were created after `since` (a killed attempt
   may leave a stale one behind, which the next attempt's manager removes)."""
   found = set()
-  for tmp in workdir.glob('*/checkpoints/*.orbax-checkpoint-tmp*'):
+  for tmp in workdir.glob(f'{stage}/checkpoints/*.orbax-checkpoint-tmp*'):
     try:
       if tmp.stat().st_mtime >= since:
         found.add(str(tmp.relative_to(workdir)))
@@ -59,13 +60,14 @@ def saves_in_flight(workdir: pathlib.Path, since: float = 0.0) -> set[str]:
   return found
 
 
-def attempt(workdir, steps, mode, rng, log_path) -> dict:
-  """Starts the run, kills it per `mode` (or lets it finish: mode 'finish')."""
+def attempt(workdir, steps, mode, rng, log_path, stage='teacher') -> dict:
+  """Starts the run, kills it per `mode` (or lets it finish: mode 'finish') once `stage`
+  is training (the teacher stage, or the distill stage after the teacher's export)."""
   log_start = log_path.stat().st_size if log_path.exists() else 0
   with log_path.open('a') as log:
     proc = subprocess.Popen(command(workdir, steps), cwd=REPO, stdout=log, stderr=log)
   start = time.time()
-  event = {'mode': mode}
+  event = {'mode': mode, 'stage': stage}
   if mode == 'finish':
     proc.wait(timeout=1800)
     event.update(returncode=proc.returncode, seconds=time.time() - start)
@@ -84,11 +86,12 @@ def attempt(workdir, steps, mode, rng, log_path) -> dict:
   deadline = start + (rng.uniform(0.5, 12.0) if early else 600)
   while proc.poll() is None and time.time() < deadline:
     if mode == 'write':
-      seen |= saves_in_flight(workdir, since=start)
-      if len(seen) >= saves_to_pass and saves_in_flight(workdir, since=start):
+      seen |= saves_in_flight(workdir, since=start, stage=stage)
+      if len(seen) >= saves_to_pass and saves_in_flight(workdir, since=start, stage=stage):
         break
     if mode == 'random' and not early and not started_training:
-      if '] step ' in new_output() or 'resumed from step' in new_output():
+      text = new_output()
+      if f'[{stage}] step ' in text or f'[{stage}] resumed from step' in text:
         started_training, deadline = True, time.time() + delay
     time.sleep(0.005)
   if proc.poll() is not None:  # it finished (or failed) before the kill
@@ -148,7 +151,10 @@ def main():
   events = []
   while sum(e.get('killed', False) for e in events) < args.kills:
     mode = 'write' if len(events) % 2 == 0 else 'random'
-    event = attempt(crashed, args.steps, mode, rng, root / 'crashed.log')
+    # The first half of the kills hit the teacher stage, the rest the distill stage (its
+    # first attempt finishes the teacher, exports it and fills the teacher cache first).
+    stage = 'teacher' if len(events) < args.kills // 2 else 'distill'
+    event = attempt(crashed, args.steps, mode, rng, root / 'crashed.log', stage)
     events.append(event)
     print(f'attempt {len(events)}: {json.dumps(event)}', flush=True)
     if not event.get('killed'):

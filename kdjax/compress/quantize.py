@@ -217,6 +217,28 @@ def _is_q(x) -> bool:
   return isinstance(x, QTensor)
 
 
+def _per_selected_leaf(params, transform, what, bits, symmetric, per_channel, rules, exclude):
+  """`params` with `transform(leaf, bits, symmetric, axis)` applied to every floating-point
+  leaf `rules` selects (see `rules.match`); the others are the same objects, untouched.
+  per_channel: one scale per index of the last axis (a Dense kernel's output units); leaves
+  of rank < 2 get one scale per tensor, since a scale per element would store as many floats
+  as it saves. A rule matching nothing raises rules.RuleError."""
+  bits = _check_bits(bits)
+  symmetric = _check_symmetric(symmetric)
+  flags = rules_lib.match(params, rules, what, exclude)
+
+  def one(path, leaf, selected):
+    if not selected:
+      return leaf
+    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+      name = rules_lib.path_string(path)
+      raise ValueError(f'{what}: {name} is not floating-point ({leaf.dtype})')
+    axis = -1 if per_channel and jnp.ndim(leaf) >= 2 else None
+    return transform(leaf, bits, symmetric, axis)
+
+  return jax.tree_util.tree_map_with_path(one, params, flags)
+
+
 def quantize_params(
   params,
   bits: int = 8,
@@ -225,25 +247,28 @@ def quantize_params(
   rules: Sequence[str] = ('kernel$',),
   exclude: Sequence[str] = (),
 ):
-  """`params` with every leaf that `rules` selects (see `rules.match`) replaced by a QTensor;
-  the others are the same objects, untouched. per_channel: one scale per index of the last
-  axis (a Dense kernel's output units); leaves of rank < 2 get one scale per tensor, since a
-  scale per element would store as many floats as it saves. A rule matching nothing raises
-  rules.RuleError."""
-  bits = _check_bits(bits)
-  symmetric = _check_symmetric(symmetric)
-  flags = rules_lib.match(params, rules, 'quantize_params', exclude)
+  """`params` with every leaf that `rules` selects replaced by a QTensor (see
+  `_per_selected_leaf` for the scale layout)."""
+  return _per_selected_leaf(
+    params, quantize, 'quantize_params', bits, symmetric, per_channel, rules, exclude
+  )
 
-  def one(path, leaf, selected):
-    if not selected:
-      return leaf
-    if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-      name = rules_lib.path_string(path)
-      raise ValueError(f'quantize_params: {name} is not floating-point ({leaf.dtype})')
-    axis = -1 if per_channel and jnp.ndim(leaf) >= 2 else None
-    return quantize(leaf, bits, symmetric, axis)
 
-  return jax.tree_util.tree_map_with_path(one, params, flags)
+def fake_quant_params(
+  params,
+  bits: int = 8,
+  symmetric: bool = True,
+  per_channel: bool = True,
+  rules: Sequence[str] = ('kernel$',),
+  exclude: Sequence[str] = (),
+):
+  """Quantization-aware training: `params` with every leaf `rules` selects replaced by
+  `fake_quant` (the values `quantize_params` would store, dequantized; straight-through
+  gradients), with the same scale layout, so the model trained through this is the model
+  `kdjax.ptq` exports with the same settings."""
+  return _per_selected_leaf(
+    params, fake_quant, 'fake_quant_params', bits, symmetric, per_channel, rules, exclude
+  )
 
 
 def dequantize_params(qparams, dtype=jnp.float32):
