@@ -6,6 +6,10 @@ import ml_collections
 def _preset(model: str, **kwargs) -> ml_collections.ConfigDict:
   # path / init_from are part of every role's schema (see configs/default.py), so a preset
   # can replace config.teacher or config.student whole.
+  if model == 'bert':
+    # 0: hidden_size // num_heads. A key of its own so a head-pruned export (kdjax.structured_prune
+    # --part=heads) can be trained further: --config.student.kwargs.head_dim=<its width>.
+    kwargs.setdefault('head_dim', 0)
   return ml_collections.ConfigDict(
     {'model': model, 'kwargs': kwargs, 'path': '', 'init_from': '', 'init_layers': ()}
   )

@@ -51,6 +51,12 @@ SPECS = {
 }
 
 
+SPECS['bert_4_heads'] = {
+  **SPECS['bert'],
+  'kwargs': dict(SPECS['bert']['kwargs'], num_heads=4),  # 4 heads of width 4: keep 2
+}
+
+
 def _model(spec):
   return registry.build_model(
     spec['model'], vocab_size=spec['vocab_size'], num_classes=2, **spec['kwargs']
@@ -86,6 +92,13 @@ def _zeroed_reference(name, params, spec, kept):
     for i in range(len(spec['kwargs']['kernel_sizes'])):
       drop = np.setdiff1d(np.arange(filters), kept[f'conv_{i}'])
       p['mlp']['kernel'][i * filters + drop, :] = 0.0
+  elif name == 'bert_heads':
+    heads = spec['kwargs']['num_heads']
+    head_dim = spec['kwargs']['hidden_size'] // heads
+    for i in range(spec['kwargs']['num_layers']):
+      for head in np.setdiff1d(np.arange(heads), kept[f'layer_{i}']):
+        rows = slice(head * head_dim, (head + 1) * head_dim)
+        p[f'layer_{i}']['attention']['output']['kernel'][rows, :] = 0.0
   else:
     for i in range(spec['kwargs']['num_layers']):
       size = spec['kwargs']['intermediate_size']
@@ -94,12 +107,13 @@ def _zeroed_reference(name, params, spec, kept):
   return p
 
 
-@pytest.mark.parametrize('name', ['bilstm', 'cnn', 'bert'])
+@pytest.mark.parametrize('name', ['bilstm', 'cnn', 'bert', 'bert_heads'])
 @pytest.mark.parametrize('keep_fraction', [0.6])
 def test_pruned_model_equals_full_model_with_dropped_units_zeroed(name, keep_fraction):
-  spec = SPECS[name]
+  spec = SPECS['bert_4_heads' if name == 'bert_heads' else name]
   params = jax.device_get(registry.init_params(_model(spec), jax.random.PRNGKey(3)))
-  pruned, new_spec, kept = structured.prune(params, spec, keep_fraction)
+  part = 'heads' if name == 'bert_heads' else ''
+  pruned, new_spec, kept = structured.prune(params, spec, keep_fraction, part)
   reference = _zeroed_reference(name, params, spec, kept)
   np.testing.assert_allclose(_logits(new_spec, pruned), _logits(spec, reference), atol=2e-6)
   # Smaller for real: the rebuilt model's parameter count is the pruned tree's.
@@ -137,6 +151,28 @@ def test_bad_requests_are_refused():
     structured.prune(params, spec, 0.0)
   with pytest.raises(ValueError, match="'mlp' model is not supported; supported: bilstm"):
     structured.prune(params, {**spec, 'model': 'mlp'}, 0.5)
+  with pytest.raises(ValueError, match=r"'cnn' model \(heads\) is not supported.*bert \(heads\)"):
+    structured.prune(params, spec, 0.5, 'heads')
+
+
+def test_head_pruning_keeps_the_head_width_and_the_best_heads():
+  spec = SPECS['bert_4_heads']
+  params = jax.device_get(registry.init_params(_model(spec), jax.random.PRNGKey(4)))
+  _, new_spec, kept = structured.prune(params, spec, 0.5, 'heads')
+  assert new_spec['kwargs']['num_heads'] == 2 and new_spec['kwargs']['head_dim'] == 4
+  for i in range(2):  # NumPy ranking, head by head
+    a = params[f'layer_{i}']['attention']
+    score = [
+      np.sqrt(
+        sum(
+          np.sum(np.asarray(a[n]['kernel'][:, h * 4 : h * 4 + 4], np.float64) ** 2)
+          for n in ('query', 'key', 'value')
+        )
+      )
+      * np.sqrt(np.sum(np.asarray(a['output']['kernel'][h * 4 : h * 4 + 4], np.float64) ** 2))
+      for h in range(4)
+    ]
+    np.testing.assert_array_equal(kept[f'layer_{i}'], np.sort(np.argsort(-np.array(score))[:2]))
 
 
 def test_structured_prune_writes_a_smaller_export_that_loads_and_scores_as_reported(

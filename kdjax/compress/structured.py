@@ -1,5 +1,5 @@
 """Structured pruning that physically removes units, so the exported model is smaller:
-BiLSTM hidden units, CNN filters and BERT FFN neurons.
+BiLSTM hidden units, CNN filters, BERT FFN neurons and BERT attention heads.
 
 Each function takes host params and the export's model spec (`model.json`: name, vocab size,
 keywords) and returns `(params, spec, kept)`: a model with fewer units, and the indices of the
@@ -112,14 +112,47 @@ def prune_bert_ffn(params, spec: dict, keep_fraction: float):
   return params, new_spec, kept
 
 
-PRUNERS = {'bilstm': prune_bilstm, 'cnn': prune_cnn, 'bert': prune_bert_ffn}
-
-
-def prune(params, spec: dict, keep_fraction: float):
-  """Dispatches on the export's model name; see the functions above for what each removes."""
-  if spec['model'] not in PRUNERS:
-    raise ValueError(
-      f'structured pruning of a {spec["model"]!r} model is not supported; '
-      f'supported: {", ".join(PRUNERS)}'
+def prune_bert_heads(params, spec: dict, keep_fraction: float):
+  """Keeps the best attention heads of every layer, the same count per layer (the model has
+  one `num_heads`), by the norm of each head's query/key/value columns times the norm of its
+  rows of the output projection; the head width is kept (`head_dim` in the new spec)."""
+  params = copy.deepcopy(params)
+  kwargs = spec['kwargs']
+  heads = kwargs['num_heads']
+  head_dim = kwargs.get('head_dim') or kwargs['hidden_size'] // heads
+  count, kept = None, {}
+  for i in range(kwargs['num_layers']):
+    attention = params[f'layer_{i}']['attention']
+    per_head = lambda a: a.reshape(a.shape[0], heads, head_dim)  # [in, heads, head_dim]
+    into = sum(
+      np.square(np.asarray(per_head(attention[n]['kernel']), np.float64)).sum(axis=(0, 2))
+      for n in ('query', 'key', 'value')
     )
-  return PRUNERS[spec['model']](params, spec, keep_fraction)
+    out = np.asarray(attention['output']['kernel'], np.float64).reshape(heads, head_dim, -1)
+    keep = _keep(np.sqrt(into) * np.sqrt(np.square(out).sum(axis=(1, 2))), keep_fraction)
+    columns = (keep[:, None] * head_dim + np.arange(head_dim)[None, :]).reshape(-1)
+    for n in ('query', 'key', 'value'):
+      attention[n]['kernel'] = attention[n]['kernel'][:, columns]
+      attention[n]['bias'] = attention[n]['bias'][columns]
+    attention['output']['kernel'] = attention['output']['kernel'][columns]
+    count, kept[f'layer_{i}'] = len(keep), keep
+  new_spec = copy.deepcopy(spec)
+  new_spec['kwargs'].update(num_heads=count, head_dim=head_dim)
+  return params, new_spec, kept
+
+
+PRUNERS = {'bilstm': prune_bilstm, 'cnn': prune_cnn, 'bert': prune_bert_ffn}
+PRUNERS_BY_PART = {('bert', 'heads'): prune_bert_heads}
+
+
+def prune(params, spec: dict, keep_fraction: float, part: str = ''):
+  """Dispatches on the export's model name (and `part`: 'heads' for a BERT's attention
+  heads; its default is the FFN); see the functions above for what each removes."""
+  pruner = PRUNERS_BY_PART.get((spec['model'], part)) or (not part and PRUNERS.get(spec['model']))
+  if not pruner:
+    supported = list(PRUNERS) + [f'{m} ({p})' for m, p in PRUNERS_BY_PART]
+    raise ValueError(
+      f'structured pruning of a {spec["model"]!r} model{f" ({part})" if part else ""} is not '
+      f'supported; supported: {", ".join(supported)}'
+    )
+  return pruner(params, spec, keep_fraction)

@@ -84,13 +84,15 @@ class BertSelfAttention(nn.Module):
   num_heads: int
   attention_dropout_rate: float
   dtype: Any = jnp.float32
+  head_dim: int = 0  # 0: hidden_size // num_heads; set when heads were pruned away
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array, Dict[str, Array]]:
     batch, seq_len, _ = x.shape
-    head_dim = self.hidden_size // self.num_heads
-    dense = lambda name: nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name=name)
-    projections = {n: dense(n)(x) for n in ('query', 'key', 'value')}
+    head_dim = self.head_dim or self.hidden_size // self.num_heads
+    dense = lambda name, width: nn.Dense(width, kernel_init=_init, dtype=self.dtype, name=name)
+    inner = self.num_heads * head_dim
+    projections = {n: dense(n, inner)(x) for n in ('query', 'key', 'value')}
     split = lambda t: t.reshape(batch, seq_len, self.num_heads, head_dim)
     q, k, v = (split(projections[n]) for n in ('query', 'key', 'value'))
     # Scores and softmax in float32 so bf16 runs keep masked keys at exactly 0.
@@ -98,8 +100,8 @@ class BertSelfAttention(nn.Module):
     probs = nn.softmax(scores / math.sqrt(head_dim) + bias, axis=-1)
     dropped = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=deterministic)
     context = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
-    context = context.reshape(batch, seq_len, self.hidden_size)
-    return dense('output')(context), probs, projections
+    context = context.reshape(batch, seq_len, inner)
+    return dense('output', self.hidden_size)(context), probs, projections
 
 
 class BertLayer(nn.Module):
@@ -110,13 +112,19 @@ class BertLayer(nn.Module):
   attention_dropout_rate: float
   layer_norm_eps: float
   dtype: Any = jnp.float32
+  head_dim: int = 0
 
   @nn.compact
   def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array, Dict[str, Array]]:
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     dropout = lambda t: nn.Dropout(self.dropout_rate)(t, deterministic=deterministic)
     attended, probs, projections = BertSelfAttention(
-      self.hidden_size, self.num_heads, self.attention_dropout_rate, self.dtype, name='attention'
+      self.hidden_size,
+      self.num_heads,
+      self.attention_dropout_rate,
+      self.dtype,
+      self.head_dim,
+      name='attention',
     )(x, bias, deterministic)
     x = norm('attention_layer_norm')(x + dropout(attended))
     h = nn.Dense(self.intermediate_size, kernel_init=_init, dtype=self.dtype, name='intermediate')(
@@ -143,12 +151,15 @@ class _BertBase(nn.Module):
   layer_norm_eps: float = 1e-12
   embedding_size: int = 0  # < hidden_size: factorised word embeddings (see BertEmbeddings)
   dtype: Any = jnp.float32
+  # Width of one attention head; 0: hidden_size // num_heads. Set by structured head pruning
+  # (compress/structured.py), which keeps num_heads < hidden_size // head_dim heads.
+  head_dim: int = 0
 
   @nn.nowrap
   def _encode(
     self, input_ids, attention_mask, token_type_ids: Optional[Array], deterministic: bool
   ) -> Tuple[Array, Dict[str, Array]]:
-    if self.hidden_size % self.num_heads:
+    if not self.head_dim and self.hidden_size % self.num_heads:
       raise ValueError(
         f'hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}'
       )
@@ -176,6 +187,7 @@ class _BertBase(nn.Module):
         self.attention_dropout_rate,
         self.layer_norm_eps,
         self.dtype,
+        self.head_dim,
         name=f'layer_{i}',
       )(x, bias, deterministic)
       out[f'hidden_{i + 1}'] = x
