@@ -9,8 +9,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+from kdjax import parallel
 
 
 class CheckpointError(RuntimeError):
@@ -93,7 +94,7 @@ class StageCheckpointer:
       return
     self._manager.wait_until_finished()
     step_dir = self.directory / str(self._pending)
-    if step_dir.is_dir() and jax.process_index() == 0:
+    if step_dir.is_dir() and parallel.is_lead_process():
       write_manifest(step_dir)
     self._pending = None
 
@@ -125,15 +126,14 @@ class StageCheckpointer:
 
   def _quarantine(self, step_dir: pathlib.Path) -> None:
     """Moves a damaged step out of orbax's sight, so the run can save that step again."""
-    if jax.process_index() == 0 and step_dir.is_dir():
+    if parallel.is_lead_process() and step_dir.is_dir():
       target = step_dir.with_name(step_dir.name + '.corrupt')
       suffix = 1
       while target.exists():
         target = step_dir.with_name(f'{step_dir.name}.corrupt{suffix}')
         suffix += 1
       step_dir.rename(target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'quarantined {step_dir}')
+    parallel.barrier(f'quarantined {step_dir}')
     self._manager.reload()
 
   def wait(self) -> None:
@@ -141,6 +141,14 @@ class StageCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+  def __enter__(self) -> 'StageCheckpointer':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    """Finishes pending saves (and their manifests), however the block was left."""
+    self.wait()
+    self.close()
 
 
 def restore_on_host(state_dir: str | os.PathLike) -> Any:
@@ -167,7 +175,7 @@ def export_model(directory: str | os.PathLike, params: Any, model_spec: dict) ->
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as ckptr:  # a collective save in a multi-process job
     ckptr.save(directory / 'params', jax.device_get(params), force=True)
-  if jax.process_index() == 0:
+  if parallel.is_lead_process():
     write_manifest(directory / 'params')
     (directory / 'model.json').write_text(json.dumps(model_spec, indent=2, sort_keys=True))
 

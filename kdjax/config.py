@@ -249,7 +249,12 @@ def validate(config) -> None:
   ):
     _require(t[name] >= 1, f'train.{name}', t[name], 'must be >= 1')
   _require(t.eval_every >= 0, 'train.eval_every', t.eval_every, 'must be >= 0 (0 = at the end)')
-  _require(t.nonfinite in ('stop', 'skip'), 'train.nonfinite', t.nonfinite, 'stop or skip')
+  _require(
+    t.nonfinite in NONFINITE_POLICIES,
+    'train.nonfinite',
+    t.nonfinite,
+    f'one of {", ".join(NONFINITE_POLICIES)}',
+  )
   _require(t.max_skipped_steps >= 0, 'train.max_skipped_steps', t.max_skipped_steps, 'must be >= 0')
   _require(
     t.checkpoint_every % t.log_every == 0,
@@ -337,6 +342,7 @@ PRUNE_STAGES = ('student_alone', 'distill')
 
 
 PARALLEL_MODES = ('single', 'pmap', 'shard_map', 'mesh')
+NONFINITE_POLICIES = ('stop', 'skip')  # what kdjax.loop does with a NaN/Inf step
 # Top-level config sections a resumed run may change (see check_workdir_config).
 RESUMABLE_ACROSS = ('parallel',)
 

@@ -28,9 +28,6 @@ class Preempted(RuntimeError):
   step was saved; the same command resumes there."""
 
 
-NONFINITE_POLICIES = ('stop', 'skip')
-
-
 @contextlib.contextmanager
 def _termination_requests():
   """An Event set by SIGTERM while training (main thread of a one-process job only: in a
@@ -71,17 +68,6 @@ class StageSpec:
   evaluate: Callable[[Any], dict] | None = None  # params -> {metric: value}
 
 
-class _Finisher:
-  """`close()` waits for a stage's pending checkpoint saves, then releases the manager."""
-
-  def __init__(self, ckpt: checkpoint.StageCheckpointer):
-    self.ckpt = ckpt
-
-  def close(self) -> None:
-    self.ckpt.wait()
-    self.ckpt.close()
-
-
 def _nonfinite(metrics: dict) -> list[str]:
   """Names of the step's metrics (loss terms, gradient norm) that are NaN or Inf."""
   return [
@@ -115,17 +101,14 @@ def train_stage(
   ckpt = checkpoint.StageCheckpointer(stage_dir / 'checkpoints', train_cfg.keep_checkpoints)
   # Restored into the placement of `state`: whatever device count wrote the checkpoint.
   restored = ckpt.restore_latest(state)
+  done, skipped = 0, 0  # steps finished, and of those skipped as non-finite
   if restored is not None:
     state, position = restored
     batches.set_state(position)
-    step_done = int(parallel.to_host(state.step))
-    writer.truncate_after(spec.name, step_done)
-    say(
-      f'[{spec.name}] resumed from step {step_done} ({ckpt.directory / str(step_done)})',
-      flush=True,
-    )
+    done, skipped = int(parallel.to_host(state.step)), int(position.get('skipped_steps', 0))
+    writer.truncate_after(spec.name, done)
+    say(f'[{spec.name}] resumed from step {done} ({ckpt.directory / str(done)})', flush=True)
   policy = train_cfg.get('nonfinite', 'stop')
-  skipped = int(restored[1].get('skipped_steps', 0)) if restored is not None else 0
   train_step = dp.train_step(spec.loss_fn, spec.tx, skip_nonfinite=policy == 'skip')
   teacher_params = dp.put_teacher(spec.teacher_params)
 
@@ -136,11 +119,11 @@ def train_stage(
   interval_compiled = False
   steady_examples, steady_seconds = 0, 0.0
   interval_start = time.perf_counter()
-  first_step = int(parallel.to_host(state.step)) + 1
-  # However the loop ends (divergence, preemption, an error, Ctrl-C), saves already started
-  # are finished first, so the checkpoints an error message points to exist.
-  with contextlib.closing(_Finisher(ckpt)), _termination_requests() as terminate:
-    for step in range(first_step, spec.steps + 1):
+  max_skipped = train_cfg.get('max_skipped_steps', 0)
+  # However the loop ends (divergence, preemption, an error, Ctrl-C), leaving `ckpt` finishes
+  # the saves already started, so the checkpoints an error message points to exist.
+  with ckpt, _termination_requests() as terminate:
+    for step in range(done + 1, spec.steps + 1):
       batch = next(batches)
       shape = tuple(np.shape(x) for x in jax.tree_util.tree_leaves(batch))
       # The first batch of each new input shape compiles; keep it out of the throughput.
@@ -148,8 +131,7 @@ def train_stage(
       compiled_shapes.add(shape)
       state, metrics = train_step(state, teacher_params, dp.put_batch(batch))
       metrics = parallel.to_host(metrics)
-      metrics.pop('skipped', None)  # the step's own verdict; equal to `bad` being non-empty
-      bad = _nonfinite(metrics)
+      bad = _nonfinite(metrics)  # the step skipped its update on device iff this is non-empty
       if bad and policy == 'stop':
         last = ckpt.latest_step()
         raise TrainingDiverged(
@@ -164,11 +146,11 @@ def train_stage(
       if bad:
         skipped += 1
         say(f'[{spec.name}] step {step} skipped: non-finite {", ".join(bad)}', flush=True)
-        if skipped > train_cfg.get('max_skipped_steps', 0):
+        if skipped > max_skipped:
           raise TrainingDiverged(
             f'[{spec.name}] {skipped} non-finite steps skipped (the last at step {step}: '
-            f'{", ".join(bad)}), more than train.max_skipped_steps='
-            f'{train_cfg.get("max_skipped_steps", 0)}; the last good checkpoint is kept in {ckpt.directory}'
+            f'{", ".join(bad)}), more than train.max_skipped_steps={max_skipped}; the last '
+            f'good checkpoint is kept in {ckpt.directory}'
           )
       else:
         sums = metrics if sums is None else jax.tree_util.tree_map(np.add, sums, metrics)

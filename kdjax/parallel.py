@@ -113,10 +113,6 @@ def lead_first(name: str, fn: Callable[[], Any]) -> Any:
 # -- placement -----------------------------------------------------------------------------
 
 
-def _path(path) -> str:
-  return rules_lib.path_string(path)
-
-
 def fsdp_spec(shape: Sequence[int], size: int, num_shards: int) -> P:
   """Shards the largest axis divisible by the device count; small leaves stay replicated."""
   if num_shards == 1 or int(np.prod(shape, dtype=np.int64)) < size:

@@ -34,6 +34,26 @@ def _export_params(workdir, stage, role):
   return checkpoint.load_export_params(directory)
 
 
+def _start_until_distill_checkpoint(workdir, tfds_dir, **popen):
+  """Starts the run and returns (process, marker) once the distill stage's step-10
+  checkpoint exists, with the run still going."""
+  proc = subprocess.Popen(_command(workdir, tfds_dir), cwd=REPO, **popen)
+  marker = workdir / 'distill' / 'checkpoints' / '10'
+  deadline = time.time() + 500
+  while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  assert proc.poll() is None, 'the run ended before it could be interrupted'
+  return proc, marker
+
+
+def _assert_same_student(reference, workdir):
+  a, b = (
+    _export_params(reference, 'distill', 'student'),
+    _export_params(workdir, 'distill', 'student'),
+  )
+  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, tfds_dir):
   workdir = tmp_path_factory.mktemp('uninterrupted')
@@ -63,14 +83,9 @@ def test_run_writes_every_output(uninterrupted):
 def test_sigkill_midway_then_resume_matches_uninterrupted(uninterrupted, tmp_path, tfds_dir):
   reference, _ = uninterrupted
   workdir = tmp_path / 'killed'
-  proc = subprocess.Popen(
-    _command(workdir, tfds_dir), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  proc, _ = _start_until_distill_checkpoint(
+    workdir, tfds_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
-  marker = workdir / 'distill' / 'checkpoints' / '10'
-  deadline = time.time() + 500
-  while not marker.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert proc.poll() is None, 'the run ended before it could be killed'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (workdir / 'results.json').exists()
@@ -82,11 +97,7 @@ def test_sigkill_midway_then_resume_matches_uninterrupted(uninterrupted, tmp_pat
   want = json.loads((reference / 'results.json').read_text())
   got = json.loads((workdir / 'results.json').read_text())
   assert got['summary'] == want['summary']
-  a, b = (
-    _export_params(reference, 'distill', 'student'),
-    _export_params(workdir, 'distill', 'student'),
-  )
-  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+  _assert_same_student(reference, workdir)
 
 
 def test_sigterm_saves_the_current_step_exits_then_resumes(uninterrupted, tmp_path, tfds_dir):
@@ -94,18 +105,9 @@ def test_sigterm_saves_the_current_step_exits_then_resumes(uninterrupted, tmp_pa
   line, exit 143; the same command resumes there and ends bit-identical."""
   reference, _ = uninterrupted
   workdir = tmp_path / 'terminated'
-  proc = subprocess.Popen(
-    _command(workdir, tfds_dir),
-    cwd=REPO,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
+  proc, marker = _start_until_distill_checkpoint(
+    workdir, tfds_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
   )
-  marker = workdir / 'distill' / 'checkpoints' / '10'
-  deadline = time.time() + 500
-  while not marker.exists() and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  assert proc.poll() is None, 'the run ended before it could be stopped'
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 143, err[-2000:]
@@ -124,11 +126,7 @@ def test_sigterm_saves_the_current_step_exits_then_resumes(uninterrupted, tmp_pa
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   if step < 20:
     assert f'[distill] resumed from step {step}' in resumed.stdout
-  a, b = (
-    _export_params(reference, 'distill', 'student'),
-    _export_params(workdir, 'distill', 'student'),
-  )
-  jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+  _assert_same_student(reference, workdir)
 
 
 def test_resume_with_a_different_config_is_refused(uninterrupted, tfds_dir):
