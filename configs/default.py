@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.vocab_size = 20000  # word vocabulary built from the training split
   c.data.vocab_min_count = 1  # words seen fewer times map to [UNK]
   c.data.train_limit = 0  # use only the first N training examples (0 = all)
+  # Training-data shards, each read by one process only (kdjax.data.shards); 0 = one per
+  # process. Global batches depend on the shard count, not on the process count.
+  c.data.shards = 0
 
   # Each role: model (registry name), kwargs (constructor keywords), path (teacher only:
   # workdir or export of an earlier run whose trained teacher is reused), init_from

@@ -1,6 +1,7 @@
 """Validation of a run config: every bad value is reported before anything is compiled."""
 
 import json
+import math
 import pathlib
 from typing import Callable, Mapping
 
@@ -32,8 +33,16 @@ def _validate_model(config, role: str) -> None:
   from kdjax.models import registry  # the model zoo is only needed to check names/fields
 
   spec = config[role]
+  kwargs = spec.kwargs.to_dict()
+  # Modules take numbers as they come; a NaN/inf width or rate would only fail mid-run.
+  for name, value in kwargs.items():
+    if isinstance(value, float):
+      _require(math.isfinite(value), f'{role}.kwargs.{name}', value, 'must be finite')
+    if name.endswith('dropout_rate'):
+      rate_ok = isinstance(value, (int, float)) and 0 <= value < 1
+      _require(rate_ok, f'{role}.kwargs.{name}', value, 'must be in [0, 1)')
   try:
-    registry.build_model(spec.model, vocab_size=8, num_classes=2, **spec.kwargs.to_dict())
+    registry.build_model(spec.model, vocab_size=8, num_classes=2, **kwargs)
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.{role}: {e}') from None
 
@@ -164,6 +173,9 @@ def validate(config) -> None:
   _require(d.vocab_min_count >= 1, 'data.vocab_min_count', d.vocab_min_count, 'must be >= 1')
   _require(d.train_limit >= 0, 'data.train_limit', d.train_limit, 'must be >= 0 (0 = all)')
   _require(d.bucket_window >= 1, 'data.bucket_window', d.bucket_window, 'must be >= 1')
+  _require(
+    d.shards >= 0, 'data.shards', d.shards, '0 (one per process) or a multiple of the process count'
+  )
 
   from kdjax.data import text
 

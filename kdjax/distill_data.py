@@ -23,15 +23,16 @@ def default_cache_root() -> pathlib.Path:
   return base / 'teacher_outputs'
 
 
-def transfer_set(config, train_text, train_ids, train_labels, tokenizer):
-  """(token ids, labels) of the gold examples followed by their augmented copies."""
+def transfer_set(config, train_text, train_ids, train_labels, tokenizer, stream=None):
+  """(token ids, labels) of the gold examples followed by their augmented copies; a data
+  shard passes its id as `stream` so shards draw different augmentations."""
   d = config.distill
   if not d.augment_copies:
     return train_ids, train_labels
   extra = augment.augment(
     train_text,
     d.augment_copies,
-    seed=d.augment_seed,
+    seed=d.augment_seed if stream is None else [d.augment_seed, stream],
     mask_prob=d.augment_mask_prob,
     replace_prob=d.augment_replace_prob,
     ngram_prob=d.augment_ngram_prob,

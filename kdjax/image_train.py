@@ -14,7 +14,6 @@ checkpoints, objective and metrics):
 Figures are test-set errors (of 10,000) at the last step, next to the paper's.
 """
 
-import json
 import pathlib
 import time
 
@@ -203,10 +202,9 @@ def _loss_fn(model, objective):
 
 def run_stage(name, config, data, workdir: pathlib.Path, writer) -> dict:
   stage_dir = workdir / name
-  result_path = stage_dir / 'result.json'
-  if result_path.exists():
-    print(f'[{name}] already complete ({result_path})', flush=True)
-    return json.loads(result_path.read_text())
+  finished = report.finished_stage(stage_dir, name)
+  if finished is not None:
+    return finished
   start = time.perf_counter()
   role = STAGE_ROLES[name]
   train_cfg = config[f'{role}_train']
@@ -275,7 +273,7 @@ def run_stage(name, config, data, workdir: pathlib.Path, writer) -> dict:
   checkpoint.export_model(stage_dir / 'export' / role, trained, _spec(config, role))
   result['wall_time_sec'] = time.perf_counter() - start
   writer.write({'stage': name, 'step': steps, 'final': True, 'test_errors': result['errors']})
-  report.write_json(result_path, result)
+  report.write_json(stage_dir / 'result.json', result)
   return result
 
 

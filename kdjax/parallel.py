@@ -110,6 +110,14 @@ def lead_first(name: str, fn: Callable[[], Any]) -> Any:
   return fn()
 
 
+def all_reduce_max(x: np.ndarray) -> np.ndarray:
+  """Elementwise maximum of a host array over every process (the array itself in one)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  gathered = multihost_utils.process_allgather(np.asarray(x))  # [processes, *x.shape]
+  return np.asarray(gathered).max(axis=0)
+
+
 # -- placement -----------------------------------------------------------------------------
 
 

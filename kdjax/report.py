@@ -257,3 +257,13 @@ def write_report(path: str | os.PathLike, results: dict) -> None:
       + (f', {result["skipped_note"]}' if result.get('skipped_note') else '')
     )
   pathlib.Path(path).write_text('\n'.join(lines) + '\n')
+
+
+def finished_stage(stage_dir: pathlib.Path, name: str) -> dict | None:
+  """A finished stage's result.json, read back instead of running the stage again (the same
+  command re-run after a kill or in a later session ends where an uninterrupted run would)."""
+  result_path = pathlib.Path(stage_dir) / 'result.json'
+  if not result_path.exists():
+    return None
+  print(f'[{name}] already complete ({result_path})', flush=True)
+  return json.loads(result_path.read_text())

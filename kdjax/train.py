@@ -19,7 +19,7 @@ import numpy as np
 from kdjax import checkpoint, distill_data, evaluate, loop, optim, parallel, report, strategies
 from kdjax import config as config_lib
 from kdjax import step as step_lib
-from kdjax.data import pipeline, text
+from kdjax.data import pipeline, shards, text
 from kdjax.kd import objective as kd_objective
 from kdjax.models import from_teacher, hf_bert, registry
 
@@ -56,21 +56,63 @@ class TaskData:
   train_labels: np.ndarray
   eval_ids: list
   eval_labels: np.ndarray
+  # The training rows above are this process's data shards one after another: (shard id,
+  # rows) per shard; ((None, all rows),) when the data is not sharded.
+  train_shards: tuple = ()
+  num_shards: int = 1
+
+  def shard_parts(self, ids, labels, text=None):
+    """(shard id, ids, labels[, text]) per shard of row-aligned training arrays."""
+    parts, start = [], 0
+    for shard, size in self.train_shards:
+      rows = slice(start, start + size)
+      extra = () if text is None else (text[rows],)
+      parts.append((shard, ids[rows], labels[rows], *extra))
+      start += size
+    return parts
 
 
 def default_tfds_dir() -> str:
   return str(pathlib.Path(os.environ.get('KDJAX_CACHE', '~/.cache/kdjax')).expanduser() / 'tfds')
 
 
+def _read_train_split(d, tfds_dir: str, positions=None) -> tuple[list, np.ndarray]:
+  if positions is None and d.train_limit:  # unsharded: the first N rows in file order
+    train_text, train_labels = pipeline.load_split(d.name, d.train_split, tfds_dir, d.raw_dir)
+    return train_text[: d.train_limit], train_labels[: d.train_limit]
+  return pipeline.load_split(d.name, d.train_split, tfds_dir, d.raw_dir, positions)
+
+
 def prepare_data(config, workdir: pathlib.Path) -> TaskData:
+  """The run's tokenizer and encoded splits. With data shards this process reads only the
+  training records of its own shards (kdjax.data.shards); the small eval split is read
+  whole by every process, each of which evaluates its replica of the model."""
   d = config.data
   tfds_dir = d.tfds_data_dir or default_tfds_dir()
-  train_text, train_labels = pipeline.load_split(d.name, d.train_split, tfds_dir, d.raw_dir)
-  if d.train_limit:
-    train_text, train_labels = train_text[: d.train_limit], train_labels[: d.train_limit]
+  num_shards = shards.shard_count(d.shards, jax.process_count())
+  if num_shards == 1:
+    train_text, train_labels = _read_train_split(d, tfds_dir)
+    train_shards = ((None, len(train_text)),)
+    vocab_text = train_text
+  else:
+    train_text, labels, train_shards = [], [], []
+    for shard in shards.local_shards(num_shards, jax.process_index(), jax.process_count()):
+      positions = lambda n, s=shard: shards.shard_positions(
+        min(n, d.train_limit or n), s, num_shards
+      )
+      shard_text, shard_labels = _read_train_split(d, tfds_dir, positions)
+      train_text += shard_text
+      labels.append(shard_labels)
+      train_shards.append((shard, len(shard_text)))
+    train_labels, train_shards = np.concatenate(labels), tuple(train_shards)
+    # A word vocabulary comes from the whole split, read once by the process that builds it
+    # (the lead; the others then load it from the workdir).
+    vocab_text = train_text
+    if d.tokenizer == 'word' and text.load_tokenizer(workdir, required=False) is None:
+      vocab_text, _ = _read_train_split(d, tfds_dir)
   eval_text, eval_labels = pipeline.load_split(d.name, d.eval_split, tfds_dir, d.raw_dir)
   # A resumed run reloads the tokenizer saved in the workdir: token ids must not change.
-  tokenizer = text.make_tokenizer(d, train_text, workdir)
+  tokenizer = text.make_tokenizer(d, vocab_text, workdir)
   return TaskData(
     tokenizer,
     train_text,
@@ -78,21 +120,38 @@ def prepare_data(config, workdir: pathlib.Path) -> TaskData:
     train_labels,
     pipeline.encode(eval_text, tokenizer, d.max_len),
     eval_labels,
+    train_shards,
+    num_shards,
   )
 
 
-def train_batches(config, ids, labels) -> pipeline.BatchIterator:
-  """Global batches of train.batch_size, of which this process assembles its rows."""
-  return pipeline.BatchIterator(
-    ids,
-    labels,
-    config.train.batch_size,
-    tuple(config.data.buckets),
-    config.seed,
-    shuffle=True,
-    drop_remainder=True,
-    bucket_window=config.data.bucket_window,
-    process_shard=(jax.process_index(), jax.process_count()),
+def train_batches(config, data: TaskData, parts) -> pipeline.EpochCursor:
+  """Global batches of train.batch_size, of which this process assembles the rows of its
+  shards; `parts` is TaskData.shard_parts(...) of the rows to train on."""
+  if config.train.batch_size % data.num_shards:
+    raise ValueError(
+      f'train.batch_size={config.train.batch_size} does not split over data.shards='
+      f'{data.num_shards}: use a multiple of {data.num_shards}'
+    )
+
+  def batches(shard, ids, labels):
+    return pipeline.BatchIterator(
+      ids,
+      labels,
+      config.train.batch_size // data.num_shards,
+      tuple(config.data.buckets),
+      config.seed,
+      shuffle=True,
+      drop_remainder=True,
+      bucket_window=config.data.bucket_window,
+      stream=shard,
+    )
+
+  if data.num_shards == 1:
+    ((_, ids, labels, *_),) = parts
+    return batches(None, ids, labels)
+  return shards.ShardedBatches(
+    [batches(shard, ids, labels) for shard, ids, labels, *_ in parts], parallel.all_reduce_max
   )
 
 
@@ -238,10 +297,9 @@ def run_stage(
   data_parallel: parallel.DataParallel | None = None,
 ) -> dict:
   stage_dir = workdir / name
-  result_path = stage_dir / 'result.json'
-  if result_path.exists():
-    print(f'[{name}] already complete ({result_path})', flush=True)
-    return json.loads(result_path.read_text())
+  finished = report.finished_stage(stage_dir, name)
+  if finished is not None:
+    return finished
   stage_dir.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
   key = jax.random.PRNGKey(config.seed)
@@ -262,7 +320,8 @@ def run_stage(
 
   steps = config.train.teacher_steps if name == 'teacher' else config.train.student_steps
   teacher_params, teachers, cache_infos, objectives = None, [], [], []
-  batches = train_batches(config, data.train_ids, data.train_labels)
+  parts = data.shard_parts(data.train_ids, data.train_labels, data.train_text)
+  batches = train_batches(config, data, parts)
   if base in DISTILLING:
     (learner,) = members
     sources = strategies.teacher_sources(config, workdir, name)
@@ -270,18 +329,19 @@ def run_stage(
     teacher_models = [t[0] for t in teachers]
     weights = strategies.teacher_weights(config, len(teachers))
     objectives = _objectives(config, steps, models[learner], teacher_models)
-    ids, labels = distill_data.transfer_set(
-      config, data.train_text, data.train_ids, data.train_labels, data.tokenizer
-    )
-    batches = train_batches(config, ids, labels)
+    # Each shard adds its own augmented copies (its own stream of the augmentation seed).
+    parts = [
+      (shard, *distill_data.transfer_set(config, t, i, lab, data.tokenizer, stream=shard))
+      for shard, i, lab, t in parts
+    ]
+    batches = train_batches(config, data, parts)
+    ids = [row for _, part_ids, _ in parts for row in part_ids]
     cached = []
     for t_model, t_params, _, t_dir in teachers:
-      # One process writes the cache; the others then read it.
-      t_logits, info = parallel.lead_first(
-        f'{name} teacher cache',
-        lambda: distill_data.cached_teacher_logits(
-          config, ids, data.tokenizer, t_dir, t_model, t_params
-        ),
+      # Each process caches the teacher's outputs on the rows of its own shards (one cache
+      # entry per set of rows), all processes at once.
+      t_logits, info = distill_data.cached_teacher_logits(
+        config, ids, data.tokenizer, t_dir, t_model, t_params
       )
       cached.append(t_logits)
       cache_infos.append(info)
@@ -422,7 +482,7 @@ def run_stage(
     }
   )
   if lead:
-    report.write_json(result_path, result)
+    report.write_json(stage_dir / 'result.json', result)
   # The next stage may read this one's export and result on any process.
   parallel.barrier(f'{name} done')
   return result
@@ -539,10 +599,14 @@ def run(config, workdir) -> dict:
 
   # The lead process writes config.json, the prepared dataset and the tokenizer first.
   data = parallel.lead_first('prepare', prepare)
+  # Training rows over the whole job (each process holds those of its shards).
+  per_process = np.zeros(jax.process_count(), np.int64)
+  per_process[jax.process_index()] = len(data.train_ids)
+  train_examples = int(parallel.all_reduce_max(per_process).sum())
   _check_objective(config, workdir, len(data.tokenizer))
   if lead:
     print(
-      f'data: {len(data.train_ids)} train / {len(data.eval_ids)} {config.data.eval_split} '
+      f'data: {train_examples} train / {len(data.eval_ids)} {config.data.eval_split} '
       f'examples, vocabulary {len(data.tokenizer)}; parallel {config.parallel.mode} over '
       f'{jax.device_count()} devices in {jax.process_count()} process(es) '
       f'({jax.devices()[0].device_kind})',
@@ -562,7 +626,7 @@ def run(config, workdir) -> dict:
     'seed': config.seed,
     'dataset': config.data.name,
     'eval_split': config.data.eval_split,
-    'train_examples': len(data.train_ids),
+    'train_examples': train_examples,
     'eval_examples': len(data.eval_ids),
     'stages': stages,
     'summary': report.summary(stages),

@@ -9,7 +9,7 @@ import pytest
 
 from configs import default
 from kdjax import config as config_lib
-from kdjax import image_train
+from kdjax import image_train, translate
 from kdjax.sweep import apply_overrides, load_points
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -21,9 +21,10 @@ ARGS = {
   'sst2_minilm_students': ['student=bilstm', 'student=cnn', 'student=bert', 'runlocal'],
   'sst2_minilm_teacher': ['', 'runlocal', 'continue_from=runs/minilm_teacher'],
   'hinton_mnist': ['', 'runlocal'],
+  'multi30k': ['', 'teacher_only', 'runlocal,on_policy'],
 }
 # Experiments run by another entry point than kdjax.main, with that runner's validation.
-OTHER_RUNNERS = {'hinton_mnist': image_train.validate}
+OTHER_RUNNERS = {'hinton_mnist': image_train.validate, 'multi30k': translate.validate}
 
 
 def _needs_missing_teacher(config) -> bool:
@@ -166,3 +167,11 @@ def test_a_workdir_resumes_on_another_parallel_layout(tmp_path):
   config.train.batch_size = 128
   with pytest.raises(config_lib.ConfigError, match=r'config\.train\.batch_size was 64, now 128'):
     train._check_config(config, tmp_path)
+
+
+@pytest.mark.parametrize('value', [float('inf'), float('nan'), 1.0, -0.1])
+def test_model_rates_and_numbers_must_be_finite_and_in_range(value):
+  config = default.get_config()
+  config.student.kwargs.dropout_rate = value
+  with pytest.raises(config_lib.ConfigError, match=r'^config\.student\.kwargs\.dropout_rate='):
+    config_lib.validate(config)

@@ -374,33 +374,3 @@ def test_batch_iterator_on_sst2(sst2):
   assert len(batches) == it.batches_per_epoch == 63
   assert sum(b['weights'].sum() for b in batches) == 2000
   assert all((b['input_ids'][:, 0] == CLS_ID).all() for b in batches)
-
-
-def test_process_shards_split_each_global_batch_into_blocks():
-  """Processes of a multi-host job walk one global order and pad to one bucket; each
-  assembles its contiguous block of rows, and the blocks make up the one-process batch."""
-  token_ids, labels = _toy_data(103)
-
-  def iterator(shard):
-    return BatchIterator(
-      token_ids,
-      labels,
-      8,
-      BUCKETS,
-      seed=1,
-      shuffle=True,
-      drop_remainder=False,
-      bucket_window=3,
-      process_shard=shard,
-    )
-
-  whole = iterator((0, 1))
-  parts = [iterator((i, 4)) for i in range(4)]
-  for _ in range(whole.batches_per_epoch + 2):  # across an epoch boundary
-    want = next(whole)
-    got = [next(p) for p in parts]
-    for key in want:
-      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]), want[key])
-  assert parts[2].get_state() == whole.get_state()
-  with pytest.raises(ValueError, match='batch_size 8 divisible by count'):
-    iterator((0, 3))

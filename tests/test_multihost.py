@@ -1,7 +1,11 @@
 """Whole runs over several devices and processes: `python -m kdjax.main` started as two
 processes of four simulated CPU devices each (one JAX job over gloo) matches the same run in
 one process on eight devices, which matches one device; a single process restores the
-two-process job's checkpoint."""
+two-process job's checkpoint.
+
+Every run splits the training data into two shards: in the two-process job each process reads,
+augments and caches teacher outputs for its own shard only; the one-process runs hold both
+shards and so see the same global batches."""
 
 import json
 import os
@@ -28,6 +32,8 @@ def _command(workdir, tfds_dir, mode):
     f'--config.train.student_steps={STEPS}',
     '--config.train.batch_size=32',
     f'--config.parallel.mode={mode}',
+    '--config.data.shards=2',
+    '--config.distill.augment_copies=1',
     # SGD: Adam's g / (|g| + eps) turns summation-order noise in near-zero gradients (rare
     # embedding rows) into whole steps, which would hide a real mismatch in noise.
     '--config.teacher_optim.name=sgd',

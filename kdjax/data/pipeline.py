@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -21,13 +21,18 @@ tfds.disable_progress_bar()
 
 
 def load_split(
-  name: str, split: str, tfds_data_dir: str, raw_dir: str = ''
+  name: str,
+  split: str,
+  tfds_data_dir: str,
+  raw_dir: str = '',
+  positions: Callable[[int], Sequence[int]] | None = None,
 ) -> tuple[list[str], np.ndarray]:
   """Returns (sentences, int32 labels) of one split, in original file order.
 
   `name='sst2_local'` prepares SST-2 from the TSVs in `raw_dir` (default: the shipped
   ones) into `tfds_data_dir` on first use. Any other name (e.g. 'glue/sst2') must
-  already be prepared as array_record in `tfds_data_dir`.
+  already be prepared as array_record in `tfds_data_dir`. `positions(num_records)` picks
+  the storage positions to read (one data shard); only those records are read.
   """
   if split not in SPLIT_FILES:
     raise ValueError(f'split must be one of {sorted(SPLIT_FILES)}, got {split!r}')
@@ -38,7 +43,8 @@ def load_split(
     source = builder.as_data_source(split=split)
   else:
     source = _prepared_source(name, split, tfds_data_dir)
-  records = source.__getitems__(range(len(source)))  # One batched read, not 67k calls.
+  wanted = range(len(source)) if positions is None else positions(len(source))
+  records = source.__getitems__(wanted)  # One batched read, not 67k calls.
   # Storage order is not promised by tfds in general (only with disable_shuffling).
   order = np.argsort([int(r['idx']) for r in records], kind='stable')
   sentences = [_as_str(records[i]['sentence']) for i in order]
@@ -79,7 +85,37 @@ def encode(sentences: Sequence[str], tokenizer, max_len: int) -> list[np.ndarray
   return [tokenizer.encode(s, max_len) for s in sentences]
 
 
-class BatchIterator:
+class EpochCursor:
+  """Where a never-ending stream of `batches_per_epoch` batches per epoch stands: the
+  resumable (epoch, position) state that training checkpoints store."""
+
+  batches_per_epoch: int
+  _epoch = 0
+  _position = 0
+
+  def advance(self) -> tuple[int, int]:
+    """The (epoch, position) of the batch to return now; moves on past it."""
+    current = (self._epoch, self._position)
+    self._position += 1
+    if self._position == self.batches_per_epoch:
+      self._epoch, self._position = self._epoch + 1, 0
+    return current
+
+  def get_state(self) -> dict[str, int]:
+    """The batch the next `next()` returns, as JSON-serialisable ints."""
+    return {'epoch': self._epoch, 'position': self._position}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    epoch, position = int(state['epoch']), int(state['position'])
+    if epoch < 0 or not 0 <= position < self.batches_per_epoch:
+      raise ValueError(
+        f'invalid iterator state {state}: need epoch >= 0 and '
+        f'0 <= position < {self.batches_per_epoch}'
+      )
+    self._epoch, self._position = epoch, position
+
+
+class BatchIterator(EpochCursor):
   """Deterministic, resumable, length-bucketed batches of padded token ids.
 
   Every batch has exactly `batch_size` rows so jitted steps see few shapes: with
@@ -99,7 +135,7 @@ class BatchIterator:
     drop_remainder: bool,
     bucket_window: int = 50,
     sort_by_length: bool = False,
-    process_shard: tuple[int, int] = (0, 1),
+    stream: int | None = None,
   ):
     if len(token_ids) != len(labels):
       raise ValueError(f'{len(token_ids)} sequences but {len(labels)} labels')
@@ -118,15 +154,8 @@ class BatchIterator:
     self.sort_by_length = sort_by_length
     self.drop_remainder = drop_remainder
     self.bucket_window = bucket_window
-    # (this process, process count) of a multi-host job: every process walks the same global
-    # order and pads to the same bucket, but assembles only its contiguous block of rows.
-    index, count = process_shard
-    if not 0 <= index < count or batch_size % count:
-      raise ValueError(
-        f'process_shard={process_shard}: need 0 <= index < count and batch_size '
-        f'{batch_size} divisible by count'
-      )
-    self.process_shard = (int(index), int(count))
+    # A data shard's own shuffle stream (kdjax.data.shards); None keeps the unsharded order.
+    self.stream = stream
     # Lengths after truncation to the largest bucket: what the batch actually holds.
     self._lengths = np.array([min(len(t), self.buckets[-1]) for t in token_ids], dtype=np.int64)
     n = len(token_ids)
@@ -136,7 +165,6 @@ class BatchIterator:
         f'{n} examples give no batch of size {batch_size}'
         f'{" with drop_remainder" if drop_remainder else ""}'
       )
-    self._epoch, self._position = 0, 0
     self._cached: tuple[int, list[np.ndarray]] | None = None
 
   # -- order -------------------------------------------------------------------------
@@ -147,7 +175,8 @@ class BatchIterator:
     if not self.shuffle:
       order = np.argsort(self._lengths, kind='stable') if self.sort_by_length else np.arange(n)
       return [order[i : i + size] for i in range(0, self.batches_per_epoch * size, size)]
-    rng = np.random.default_rng([self.seed, epoch])
+    key = [self.seed, epoch] if self.stream is None else [self.seed, epoch, self.stream]
+    rng = np.random.default_rng(key)
     order = rng.permutation(n)
     if self.drop_remainder:
       # Drop before sorting, so the dropped examples are random, not the longest.
@@ -169,20 +198,20 @@ class BatchIterator:
 
   # -- assembly ----------------------------------------------------------------------
 
-  def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Pads the examples at `indices` (at most batch_size) to a full batch (this process's
-    block of its rows in a multi-host job)."""
-    size, real = self.batch_size, len(indices)
+  def padded_length(self, indices: np.ndarray) -> int:
+    """The smallest bucket that holds the longest example at `indices`."""
     longest = int(self._lengths[indices].max())
-    length = next(b for b in self.buckets if b >= longest)
+    return next(b for b in self.buckets if b >= longest)
+
+  def make_batch(self, indices: np.ndarray, length: int = 0) -> dict[str, np.ndarray]:
+    """Pads the examples at `indices` (at most batch_size) to a full batch of `length`
+    tokens (0: their own bucket; sharded batches pass the global batch's)."""
+    size, real = self.batch_size, len(indices)
+    length = length or self.padded_length(indices)
     # Filler rows repeat the first example (see class docstring).
     rows = np.concatenate([indices, np.full(size - real, indices[0], dtype=indices.dtype)])
     weights = np.zeros(size, dtype=np.float32)
     weights[:real] = 1.0
-    index, count = self.process_shard
-    if count > 1:
-      block = slice(index * size // count, (index + 1) * size // count)
-      rows, weights, size = rows[block], weights[block], size // count
     input_ids = np.zeros((size, length), dtype=np.int32)  # 0 == [PAD]
     attention_mask = np.zeros((size, length), dtype=np.int32)
     for r, i in enumerate(rows):
@@ -211,24 +240,8 @@ class BatchIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     """Next training batch; never stops, moving on to the next epoch as needed."""
-    batch = self.make_batch(self._batches_of(self._epoch)[self._position])
-    self._position += 1
-    if self._position == self.batches_per_epoch:
-      self._epoch, self._position = self._epoch + 1, 0
-    return batch
-
-  def get_state(self) -> dict[str, int]:
-    """The batch the next `next()` returns, as JSON-serialisable ints."""
-    return {'epoch': self._epoch, 'position': self._position}
-
-  def set_state(self, state: dict[str, int]) -> None:
-    epoch, position = int(state['epoch']), int(state['position'])
-    if epoch < 0 or not 0 <= position < self.batches_per_epoch:
-      raise ValueError(
-        f'invalid iterator state {state}: need epoch >= 0 and '
-        f'0 <= position < {self.batches_per_epoch}'
-      )
-    self._epoch, self._position = epoch, position
+    epoch, position = self.advance()
+    return self.make_batch(self._batches_of(epoch)[position])
 
 
 def ordered_pass(ids, labels, batch_size: int, buckets) -> Iterator[dict[str, np.ndarray]]:
