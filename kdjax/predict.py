@@ -1,7 +1,10 @@
 """`python -m kdjax.predict --workdir=DIR --input=FILE [--output=FILE] [--model=stage/role]`.
 
-Reads one sentence per line, or a TSV whose header has a `sentence` column, and writes a TSV
-of `label`, `prob_<class>`… and the sentence, using the run's final student (or --model).
+Reads one sentence per line, or a TSV whose header has a `sentence` column, and writes, with
+the run's final student (or --model):
+  * for a classifier (kdjax.main runs): a TSV of `label`, `prob_<class>`… and the sentence;
+  * for a translation model (kdjax.translate runs): one detokenised translation per line,
+    by beam search (`--beam_size`, default the run's decode.beam_size; 1 = greedy).
 """
 
 import csv
@@ -10,10 +13,11 @@ import pathlib
 import sys
 
 import jax
+import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
-from kdjax import checkpoint, evaluate, train
+from kdjax import checkpoint, evaluate, train, translate
 from kdjax import step as step_lib
 from kdjax.compress import artifact
 from kdjax.data import pipeline, text
@@ -78,18 +82,46 @@ def predict(
   return np.asarray(jax.nn.softmax(logits, axis=-1))
 
 
-def main(argv):
-  del argv
-  try:
-    f = flags.FLAGS
-    sentences = read_sentences(f.input)
-    probs = predict(f.workdir, sentences, f.model, f.batch_size)
-  except (DataError, checkpoint.CheckpointError, artifact.ArtifactError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+def is_translation_model(export_dir: pathlib.Path) -> bool:
+  spec = export_dir / 'model.json'
+  return spec.is_file() and json.loads(spec.read_text()).get('model') == translate.MODEL_NAME
+
+
+def translate_sentences(
+  workdir: str, sentences: list[str], model_path: str = '', beam_size: int = 0, batch_size=64
+) -> list[str]:
+  """Detokenised translations of `sentences` by an exported model of a translate run, with
+  the run's tokenization, buckets and decoding settings (beam_size 0: the run's own)."""
+  workdir = pathlib.Path(workdir)
+  model, params, tok = translate.load_export(model_dir(workdir, model_path))
+  config = json.loads((workdir / 'config.json').read_text())
+  data, decoding = config['data'], config['decode']
+  decode_cfg = ml_collections.ConfigDict(dict(decoding, batch_size=batch_size))
+  ids = tok.encode_batch(sentences, data['max_len'])
+  beam = beam_size or decoding['beam_size']
+  return translate.translate(model, params, tok, ids, decode_cfg, tuple(data['buckets']), beam)
+
+
+def _classify_lines(sentences: list[str], probs: np.ndarray) -> list[str]:
   lines = ['label\t' + '\t'.join(f'prob_{c}' for c in range(probs.shape[1])) + '\tsentence']
   for sentence, p in zip(sentences, probs):
     lines.append(f'{int(np.argmax(p))}\t' + '\t'.join(f'{x:.6f}' for x in p) + f'\t{sentence}')
+  return lines
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
+  try:
+    f = flags.FLAGS
+    sentences = read_sentences(f.input)
+    if is_translation_model(model_dir(pathlib.Path(f.workdir), f.model)):
+      lines = translate_sentences(f.workdir, sentences, f.model, f.beam_size, f.batch_size)
+    else:
+      lines = _classify_lines(sentences, predict(f.workdir, sentences, f.model, f.batch_size))
+  except (DataError, checkpoint.CheckpointError, artifact.ArtifactError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   text = '\n'.join(lines) + '\n'
   if flags.FLAGS.output == '-':
     sys.stdout.write(text)
@@ -111,6 +143,9 @@ def define_flags() -> None:
     'default: results.json final_student.',
   )
   flags.DEFINE_integer('batch_size', 64, 'Sentences per forward pass.')
+  flags.DEFINE_integer(
+    'beam_size', 0, "Translation models: beam width (1 = greedy; 0 = the run's decode.beam_size)."
+  )
   flags.mark_flags_as_required(['workdir', 'input'])
 
 
