@@ -1,0 +1,80 @@
+"""Smoke test of benchmarks/distill_step.py at toy sizes: every configuration is timed and
+reported with positive figures; with PyTorch installed, its side too, and the parity checks
+that make the comparison fair (same parameter counts, same loss on the same logits)."""
+
+import json
+import sys
+
+import pytest
+
+from benchmarks import distill_step
+
+try:
+  import torch  # noqa: F401
+
+  HAS_TORCH = True
+except ImportError:  # not a kdjax dependency: CI runs the kdjax side alone
+  HAS_TORCH = False
+FIGURES = ('median_ms', 'p90_ms', 'examples_per_sec', 'tokens_per_sec', 'mfu', 'peak_mb')
+
+
+@pytest.fixture(scope='module')
+def report(tmp_path_factory):
+  """One tiny run for the whole module (compiling is most of its cost); the torch side joins
+  it when torch is importable, so CI without torch still runs the kdjax checks."""
+  out = tmp_path_factory.mktemp('bench') / 'distill_step.json'
+  argv = ['--scale=tiny', '--batch-sizes=2', '--seq-lens=8', '--steps=1', '--rounds=2']
+  main_result = distill_step.main(argv + ['--out', str(out)] + (['--torch'] if HAS_TORCH else []))
+  return main_result, json.loads(out.read_text())
+
+
+def test_every_configuration_has_positive_figures(report):
+  _, written = report
+  configs = [row['config'] for row in written['rows']]
+  assert configs == [
+    'distill_bilstm b=2 L=8',
+    'distill_bert b=2 L=8',
+    'finetune_teacher b=2 L=8',
+    'hinton_mnist b=2',
+  ]
+  assert written['jax_matmul_peak_flops'] > 0
+  assert written['environment']['jax'] and written['environment']['cpu_count'] > 0
+  for row in written['rows']:
+    assert row['analytic_flops'] > 0 and row['xla_flops'] > 0, row['config']
+    for name in (*FIGURES, 'compile_s'):
+      assert row['kdjax'][name] >= 0, (row['config'], name)
+    for name in FIGURES:
+      assert row['kdjax'][name] > 0, (row['config'], name)
+
+
+def test_torch_side_has_positive_figures(report):
+  pytest.importorskip('torch')
+  _, written = report
+  assert written['environment']['torch'] and written['torch_matmul_peak_flops'] > 0
+  for row in written['rows']:
+    for name in (*FIGURES, 'kdjax_over_torch'):
+      assert row['torch'][name] > 0, (row['config'], name)
+  assert max(written['loss_parity_max_abs_diff'].values()) < 1e-4
+
+
+def test_param_counts_match_at_full_size():
+  pytest.importorskip('torch')
+  counts = distill_step.check_param_parity(distill_step.TASKS, 'full')
+  # The presets' sizes: the MiniLM-sized teacher, and the ~4.5 M transformer student.
+  assert 22_000_000 < counts['finetune_teacher/student'] < 23_000_000
+  assert 4_000_000 < counts['distill_bert/student'] < 5_000_000
+  assert counts['hinton_mnist/teacher'] == 784 * 1200 + 1200 + 1200 * 1200 + 1200 + 12010
+
+
+def test_loss_parity():
+  pytest.importorskip('torch')
+  diffs = distill_step.check_loss_parity()
+  assert set(diffs) == {'distill_bert', 'hinton_mnist'}
+  # float32 on both sides; T² = 400 at Hinton's T = 20 scales the rounding up.
+  assert max(diffs.values()) < 1e-4
+
+
+def test_missing_torch_is_one_clear_error(monkeypatch, tmp_path):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError
+  with pytest.raises(SystemExit, match='pip install torch=='):
+    distill_step.main(['--scale=tiny', '--torch', '--out', str(tmp_path / 'x.json')])
