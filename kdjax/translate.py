@@ -45,6 +45,8 @@ STAGE_SEEDS = {
 # Students of every stage start from the same weights, so stages differ only in what they learn.
 ROLE_SEEDS = {'teacher': 1, 'student': 2}
 SEQ_KD_STAGES = ('seq_kd', 'seq_word_kd')
+# Stages that learn from references only; every other stage needs a trained teacher.
+WITHOUT_TEACHER = ('teacher', 'student_alone')
 
 
 def role_of(stage: str) -> str:
@@ -112,7 +114,7 @@ def validate(config) -> None:
       m.max_len,
       f'must cover the largest bucket and decode.max_len ({max(buckets[-1], config.decode.max_len)})',
     )
-  needs_teacher = any(s != 'teacher' and s != 'student_alone' for s in stages)
+  needs_teacher = any(s not in WITHOUT_TEACHER for s in stages)
   _require(
     not (needs_teacher and 'teacher' not in stages and not config.teacher_path),
     'teacher_path',
@@ -172,14 +174,15 @@ class Corpus:
 
 
 def teacher_export_dir(path: str | pathlib.Path) -> pathlib.Path:
-  """A teacher export folder, given it or the translate workdir that holds it."""
-  path = pathlib.Path(path).expanduser().absolute()
-  for candidate in (path, path / 'teacher' / 'export' / 'teacher'):
-    if (candidate / 'model.json').is_file():
-      return candidate
-  raise checkpoint.CheckpointError(
-    f'{path}: no teacher export (expected model.json here or in teacher/export/teacher)'
-  )
+  """A teacher export folder, given it or the translate workdir that holds it (resolved as
+  config.teacher.path is for text runs), or a CheckpointError when neither holds one."""
+  export = config_lib.teacher_export_dir(str(path)).absolute()
+  if not (export / 'model.json').is_file():
+    raise checkpoint.CheckpointError(
+      f'{pathlib.Path(path).absolute()}: no teacher export (expected model.json here or in '
+      'teacher/export/teacher)'
+    )
+  return export
 
 
 def make_tokenizer(config, train_sources, train_targets, workdir: pathlib.Path):
@@ -410,7 +413,7 @@ def run_stage(name, config, corpus: Corpus, workdir, writer, teacher) -> dict:
   teacher_model = teacher_params = None
   extra: dict = {}
   targets = corpus.train.tgt_ids
-  if name != 'teacher' and name != 'student_alone':
+  if name not in WITHOUT_TEACHER:
     teacher_dir, teacher_model, teacher_params = teacher
     if name in SEQ_KD_STAGES:
       targets, extra['teacher_beams'] = teacher_beam_targets(
@@ -508,7 +511,7 @@ def run(config, workdir) -> dict:
   writer = report.MetricsWriter(workdir / 'metrics.jsonl')
   stages, teacher = {}, None
   for name in config.stages:
-    if name != 'teacher' and teacher is None and name != 'student_alone':
+    if name not in WITHOUT_TEACHER and teacher is None:
       teacher_dir = (
         workdir / 'teacher' / 'export' / 'teacher'
         if 'teacher' in stages

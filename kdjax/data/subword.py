@@ -19,6 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from kdjax.data.errors import DataError
+from kdjax.data.wordpiece import parse_tokenizer_json
 
 FILENAME = 'subword.json'
 # Fixed ids: batches are zero-padded, and the decoder's start/stop tokens are constants.
@@ -32,12 +33,7 @@ _TAIL_STEP = 1.5e-4
 
 class SubwordTokenizer:
   def __init__(self, tokenizer_json: str, source: str = '<memory>'):
-    from tokenizers import Tokenizer
-
-    try:
-      tok = Tokenizer.from_str(tokenizer_json)
-    except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
-      raise DataError(f'{source}: not a valid tokenizer file ({str(e).splitlines()[0]})') from None
+    tok = parse_tokenizer_json(tokenizer_json, source, 'tokenizer file')
     for want, token in enumerate(SPECIALS):
       got = tok.token_to_id(token)
       if got != want:
@@ -45,8 +41,6 @@ class SubwordTokenizer:
           f'{source}: special token {token} has id {got}, expected {want} '
           f'(ids 0-3 must be {", ".join(SPECIALS)}); retrain with train_subword'
         )
-    tok.no_truncation()
-    tok.no_padding()
     self._json = tokenizer_json
     self._tok = tok
 

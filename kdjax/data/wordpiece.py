@@ -27,18 +27,24 @@ def _cut(type_ids: Sequence[int], max_len: int) -> np.ndarray:
   return np.asarray(type_ids, dtype=np.int32)
 
 
+def parse_tokenizer_json(tokenizer_json: str, source: str, what: str):
+  """A `tokenizers.Tokenizer` from JSON text, with the file's own truncation and padding off:
+  kdjax truncates and pads per the pipeline's buckets (all-MiniLM's file pads everything to
+  128). DataError naming `source` (and `what` it should be) when the JSON is malformed."""
+  from tokenizers import Tokenizer
+
+  try:
+    tok = Tokenizer.from_str(tokenizer_json)
+  except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
+    raise DataError(f'{source}: not a valid {what} ({str(e).splitlines()[0]})') from None
+  tok.no_truncation()
+  tok.no_padding()
+  return tok
+
+
 class WordPieceTokenizer:
   def __init__(self, tokenizer_json: str, source: str = '<memory>'):
-    from tokenizers import Tokenizer
-
-    try:
-      tok = Tokenizer.from_str(tokenizer_json)
-    except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
-      raise DataError(f'{source}: not a valid tokenizer.json ({str(e).splitlines()[0]})') from None
-    # Truncation and padding are done here, per the pipeline's buckets, not by the file's
-    # settings (all-MiniLM's file pads everything to 128).
-    tok.no_truncation()
-    tok.no_padding()
+    tok = parse_tokenizer_json(tokenizer_json, source, 'tokenizer.json')
     vocab = tok.get_vocab()
     for token in ('[PAD]', '[CLS]', '[SEP]', '[UNK]'):
       if token not in vocab:
