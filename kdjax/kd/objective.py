@@ -253,12 +253,15 @@ class Objective:
     ):
       if name in active:
         term[name] = m[name] = _sum(
-          [fn(s_out[f'attn_{s}'], t_out[f'attn_{t}'], mask) for s, t in self.attention_pairs]
+          [
+            fn(_attention(s_out, s, 'student'), _attention(t_out, t, 'teacher'), mask)
+            for s, t in self.attention_pairs
+          ]
         )
     s_layer, t_layer = self.minilm_layers
     if 'minilm' in active:
       m['minilm_attention'] = features.attention_kl(
-        s_out[f'attn_{s_layer}'], t_out[f'attn_{t_layer}'], mask
+        _attention(s_out, s_layer, 'student'), _attention(t_out, t_layer, 'teacher'), mask
       )
       m['minilm_value'] = relations.minilm_value_relation(
         s_out, t_out, s_layer, t_layer, self.minilm_heads, mask
@@ -286,6 +289,18 @@ class Objective:
     count = jnp.sum(weights)
     m['loss'] = (loss * count, count)
     return loss, m
+
+
+def _attention(out: dict, layer: int, side: str):
+  """out['attn_{layer}'], or one clear error where `build` was given other shapes than the
+  model returns (e.g. a BERT switched to attention_impl='fused' after the objective was built)."""
+  key = f'attn_{layer}'
+  if key not in out:
+    raise ObjectiveError(
+      f'the attention terms read {key!r}, but the {side} model returned no attention maps; '
+      "use a bert with attention_impl='explicit' or set the attention weights to 0"
+    )
+  return out[key]
 
 
 def build(loss_cfg, total_steps: int, student_shapes: Shapes, teacher_shapes: Shapes) -> Objective:
@@ -318,7 +333,8 @@ def build(loss_cfg, total_steps: int, student_shapes: Shapes, teacher_shapes: Sh
       if 'attn_1' not in shapes:
         raise ObjectiveError(
           f'config.loss.weights.{name} needs self-attention, but the {side} model returns no '
-          "attention maps (only 'bert' does); set the weight to 0 or use a bert " + side
+          "attention maps (only 'bert' with attention_impl='explicit' does); set the weight to "
+          f"0 or use a bert {side} with attention_impl='explicit'"
         )
   if {'attention_kl', 'attention_mse'} & set(terms):
     attention_pairs = tuple((s, t) for s, t in pairs if s > 0 and t > 0)

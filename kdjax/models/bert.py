@@ -10,18 +10,36 @@ rename and transpose:
 `attn_{i+1}` [B, H, L, L] and its query/key/value projections `query_{i+1}`, `key_{i+1}`,
 `value_{i+1}` [B, L, D] (before the head split, so relation losses choose their own head count).
 Unused outputs cost nothing under jit: XLA drops what the loss does not read.
+With attention_impl='fused' there are no `attn_{i+1}` entries (see _BertBase.attention_impl).
 """
 
 import math
 from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from kdjax.compress import lowrank
 
 Array = Any
 # Added to the scores of padded keys; exp() of it underflows to exactly 0 in float32.
 MASK_BIAS = -1e9
+ATTENTION_IMPLS = ('explicit', 'fused')
 _init = nn.initializers.normal(stddev=0.02)  # HF BERT `initializer_range`
+
+
+def check_attention_impl(impl: str, attention_dropout_rate: float, deterministic: bool) -> None:
+  """Raises unless `impl` is known and can honour the attention dropout this call asks for."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'BERT attention_impl={impl!r} is unknown; valid: {ATTENTION_IMPLS}')
+  # jax.nn.dot_product_attention has no dropout: refusing beats silently training without it.
+  if impl == 'fused' and attention_dropout_rate > 0 and not deterministic:
+    raise ValueError(
+      f"BERT attention_impl='fused' cannot apply attention_dropout_rate="
+      f'{attention_dropout_rate} in training; set attention_dropout_rate=0 or '
+      "attention_impl='explicit'"
+    )
 
 
 def attention_bias(attention_mask: Array) -> Array:
@@ -42,6 +60,8 @@ class BertEmbeddings(nn.Module):
   # [embedding_size, hidden] projection (0 = a full [V, hidden] table). With a 30k WordPiece
   # vocabulary the table dominates a small model's size.
   embedding_size: int = 0
+  # (path, rank) pairs relative to this module: Dense layers built as LowRankDense.
+  low_rank: lowrank.LowRank = ()
 
   @nn.compact
   def __call__(self, input_ids, token_type_ids, deterministic: bool):
@@ -59,12 +79,13 @@ class BertEmbeddings(nn.Module):
         dtype=self.dtype,
         name='word_embeddings',
       )(input_ids)
-      words = nn.Dense(
+      words = lowrank.dense(
         self.hidden_size,
+        'word_projection',
+        self.low_rank,
         use_bias=False,
         kernel_init=_init,
         dtype=self.dtype,
-        name='word_projection',
       )(words)
     else:
       words = embed(self.vocab_size, 'word_embeddings')(input_ids)
@@ -78,28 +99,44 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-  """Multi-head attention written out so the probabilities can be returned."""
+  """Multi-head attention, written out so the probabilities can be returned ('explicit'), or
+  through `jax.nn.dot_product_attention` ('fused'; probabilities come back as None)."""
 
   hidden_size: int
   num_heads: int
   attention_dropout_rate: float
   dtype: Any = jnp.float32
   head_dim: int = 0  # 0: hidden_size // num_heads; set when heads were pruned away
+  low_rank: lowrank.LowRank = ()  # relative to this module, as in BertEmbeddings
+  attention_impl: str = 'explicit'  # see _BertBase.attention_impl
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array, Dict[str, Array]]:
+  def __call__(
+    self, x, bias, deterministic: bool
+  ) -> Tuple[Array, Optional[Array], Dict[str, Array]]:
+    check_attention_impl(self.attention_impl, self.attention_dropout_rate, deterministic)
     batch, seq_len, _ = x.shape
     head_dim = self.head_dim or self.hidden_size // self.num_heads
-    dense = lambda name, width: nn.Dense(width, kernel_init=_init, dtype=self.dtype, name=name)
+    dense = lambda name, width: lowrank.dense(
+      width, name, self.low_rank, kernel_init=_init, dtype=self.dtype
+    )
     inner = self.num_heads * head_dim
     projections = {n: dense(n, inner)(x) for n in ('query', 'key', 'value')}
     split = lambda t: t.reshape(batch, seq_len, self.num_heads, head_dim)
     q, k, v = (split(projections[n]) for n in ('query', 'key', 'value'))
-    # Scores and softmax in float32 so bf16 runs keep masked keys at exactly 0.
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
-    probs = nn.softmax(scores / math.sqrt(head_dim) + bias, axis=-1)
-    dropped = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=deterministic)
-    context = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
+    if self.attention_impl == 'fused':
+      # The same float32 scores + bias and float32 softmax as below (jax computes the scores
+      # with a float32 accumulator and the softmax in float32 for bf16 inputs too).
+      probs = None
+      context = jax.nn.dot_product_attention(
+        q, k, v, bias=bias.astype(jnp.float32), implementation='xla'
+      ).astype(self.dtype)
+    else:
+      # Scores and softmax in float32 so bf16 runs keep masked keys at exactly 0.
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
+      probs = nn.softmax(scores / math.sqrt(head_dim) + bias, axis=-1)
+      dropped = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=deterministic)
+      context = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
     context = context.reshape(batch, seq_len, inner)
     return dense('output', self.hidden_size)(context), probs, projections
 
@@ -113,25 +150,32 @@ class BertLayer(nn.Module):
   layer_norm_eps: float
   dtype: Any = jnp.float32
   head_dim: int = 0
+  low_rank: lowrank.LowRank = ()  # relative to this module, as in BertEmbeddings
+  attention_impl: str = 'explicit'  # see _BertBase.attention_impl
 
   @nn.compact
-  def __call__(self, x, bias, deterministic: bool) -> Tuple[Array, Array, Dict[str, Array]]:
+  def __call__(
+    self, x, bias, deterministic: bool
+  ) -> Tuple[Array, Optional[Array], Dict[str, Array]]:
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     dropout = lambda t: nn.Dropout(self.dropout_rate)(t, deterministic=deterministic)
+    dense = lambda name, width: lowrank.dense(
+      width, name, self.low_rank, kernel_init=_init, dtype=self.dtype
+    )
     attended, probs, projections = BertSelfAttention(
       self.hidden_size,
       self.num_heads,
       self.attention_dropout_rate,
       self.dtype,
       self.head_dim,
+      lowrank.low_rank_under(self.low_rank, 'attention'),
+      self.attention_impl,
       name='attention',
     )(x, bias, deterministic)
     x = norm('attention_layer_norm')(x + dropout(attended))
-    h = nn.Dense(self.intermediate_size, kernel_init=_init, dtype=self.dtype, name='intermediate')(
-      x
-    )
+    h = dense('intermediate', self.intermediate_size)(x)
     h = nn.gelu(h, approximate=False)  # HF 'gelu' is the exact erf form
-    h = nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name='output')(h)
+    h = dense('output', self.hidden_size)(h)
     return norm('output_layer_norm')(x + dropout(h)), probs, projections
 
 
@@ -154,6 +198,17 @@ class _BertBase(nn.Module):
   # Width of one attention head; 0: hidden_size // num_heads. Set by structured head pruning
   # (compress/structured.py), which keeps num_heads < hidden_size // head_dim heads.
   head_dim: int = 0
+  # ((layer path, rank), ...): the Dense layers at these paths (relative to this model's params,
+  # e.g. 'layer_0/attention/query', as `lowrank.factorise_dense` reports them) are built as
+  # LowRankDense(features, rank), so `lowrank.factorise_model`'s params load. () is plain BERT.
+  low_rank: lowrank.LowRank = ()
+  # 'explicit': scores, softmax and dropout written out; `out` holds the probabilities
+  # `attn_{i}` the attention-KD losses read. 'fused': jax.nn.dot_product_attention (XLA's
+  # implementation), which never materialises the probabilities for the caller, so `out` has
+  # no `attn_{i}` entries (objective.build refuses attention terms for such a model). It has
+  # no attention dropout: training with attention_dropout_rate > 0 raises (a frozen teacher
+  # runs deterministic, so any rate works there).
+  attention_impl: str = 'explicit'
 
   @nn.nowrap
   def _encode(
@@ -163,6 +218,7 @@ class _BertBase(nn.Module):
       raise ValueError(
         f'hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}'
       )
+    check_attention_impl(self.attention_impl, self.attention_dropout_rate, deterministic)
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     x = BertEmbeddings(
@@ -174,6 +230,7 @@ class _BertBase(nn.Module):
       self.layer_norm_eps,
       self.dtype,
       self.embedding_size,
+      lowrank.low_rank_under(self.low_rank, 'embeddings'),
       name='embeddings',
     )(input_ids, token_type_ids, deterministic)
     out = {'embeddings': x, 'hidden_0': x}
@@ -188,10 +245,13 @@ class _BertBase(nn.Module):
         self.layer_norm_eps,
         self.dtype,
         self.head_dim,
+        lowrank.low_rank_under(self.low_rank, f'layer_{i}'),
+        self.attention_impl,
         name=f'layer_{i}',
       )(x, bias, deterministic)
       out[f'hidden_{i + 1}'] = x
-      out[f'attn_{i + 1}'] = probs
+      if probs is not None:
+        out[f'attn_{i + 1}'] = probs
       for name, value in projections.items():
         out[f'{name}_{i + 1}'] = value
     return x, out
@@ -213,12 +273,11 @@ class BertClassifier(_BertBase):
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
     x, out = self._encode(input_ids, attention_mask, token_type_ids, deterministic)
-    pooled = jnp.tanh(
-      nn.Dense(self.hidden_size, kernel_init=_init, dtype=self.dtype, name='pooler')(x[:, 0])
+    dense = lambda name, width: lowrank.dense(
+      width, name, self.low_rank, kernel_init=_init, dtype=self.dtype
     )
+    pooled = jnp.tanh(dense('pooler', self.hidden_size)(x[:, 0]))
     out['pooled'] = pooled
     pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
-    logits = nn.Dense(self.num_classes, kernel_init=_init, dtype=self.dtype, name='classifier')(
-      pooled
-    )
+    logits = dense('classifier', self.num_classes)(pooled)
     return logits, out

@@ -5,6 +5,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kdjax.compress import lowrank
+
 Array = Any
 
 
@@ -30,6 +32,8 @@ class BiLSTMClassifier(nn.Module):
   num_layers: int = 1
   num_classes: int = 2
   dropout_rate: float = 0.1
+  # ((layer path, rank), ...): these Dense layers ('mlp', 'classifier') built as LowRankDense.
+  low_rank: lowrank.LowRank = ()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, deterministic: bool = True):
@@ -52,6 +56,6 @@ class BiLSTMClassifier(nn.Module):
     pooled = masked_max_pool(x, attention_mask)
     out['pooled'] = pooled
     h = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
-    h = nn.relu(nn.Dense(self.mlp_dim, name='mlp')(h))
-    logits = nn.Dense(self.num_classes, name='classifier')(h)
+    h = nn.relu(lowrank.dense(self.mlp_dim, 'mlp', self.low_rank)(h))
+    logits = lowrank.dense(self.num_classes, 'classifier', self.low_rank)(h)
     return logits, out

@@ -5,6 +5,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kdjax.compress import lowrank
+
 
 class CNNClassifier(nn.Module):
   """embedding -> parallel 1-D convs (SAME, relu) -> masked max-pool each -> concat
@@ -17,6 +19,8 @@ class CNNClassifier(nn.Module):
   kernel_sizes: Sequence[int] = (3, 4, 5)
   num_classes: int = 2
   dropout_rate: float = 0.1
+  # ((layer path, rank), ...): these Dense layers ('mlp', 'classifier') built as LowRankDense.
+  low_rank: lowrank.LowRank = ()
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, deterministic: bool = True):
@@ -39,6 +43,6 @@ class CNNClassifier(nn.Module):
     pooled = jnp.concatenate(pooled_per_conv, axis=-1)
     out['pooled'] = pooled
     h = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
-    h = nn.relu(nn.Dense(self.mlp_dim, name='mlp')(h))
-    logits = nn.Dense(self.num_classes, name='classifier')(h)
+    h = nn.relu(lowrank.dense(self.mlp_dim, 'mlp', self.low_rank)(h))
+    logits = lowrank.dense(self.num_classes, 'classifier', self.low_rank)(h)
     return logits, out

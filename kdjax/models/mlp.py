@@ -4,6 +4,8 @@ from typing import Sequence
 
 import flax.linen as nn
 
+from kdjax.compress import lowrank
+
 
 class MLPClassifier(nn.Module):
   """flattened image -> dropout -> [Dense relu -> dropout] × len(hidden_sizes) -> logits.
@@ -18,6 +20,9 @@ class MLPClassifier(nn.Module):
   num_classes: int = 10
   input_dropout: float = 0.0
   hidden_dropout: float = 0.0
+  # ((layer path, rank), ...): these Dense layers ('dense_{i}', 'classifier') built as
+  # LowRankDense.
+  low_rank: lowrank.LowRank = ()
 
   @nn.compact
   def __call__(self, images, deterministic: bool = True):
@@ -25,8 +30,8 @@ class MLPClassifier(nn.Module):
     out = {'hidden_0': x}
     x = nn.Dropout(self.input_dropout)(x, deterministic=deterministic)
     for i, width in enumerate(self.hidden_sizes):
-      x = nn.relu(nn.Dense(width, name=f'dense_{i}')(x))
+      x = nn.relu(lowrank.dense(width, f'dense_{i}', self.low_rank)(x))
       out[f'hidden_{i + 1}'] = x
       x = nn.Dropout(self.hidden_dropout)(x, deterministic=deterministic)
     out['pooled'] = out[f'hidden_{len(self.hidden_sizes)}']
-    return nn.Dense(self.num_classes, name='classifier')(x), out
+    return lowrank.dense(self.num_classes, 'classifier', self.low_rank)(x), out

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.compress import lowrank
 from kdjax.models.bert import BertClassifier
 from kdjax.models.bilstm import BiLSTMClassifier
 from kdjax.models.cnn import CNNClassifier
@@ -18,6 +19,16 @@ MODELS: Dict[str, Type[nn.Module]] = {
 }
 # Every nn.Module dataclass carries these; they are not model hyperparameters.
 _MODULE_FIELDS = ('parent', 'name')
+
+
+def low_rank_models() -> list[str]:
+  """Names of the models whose Dense layers a `low_rank` keyword can factorise."""
+  return sorted(n for n, cls in MODELS.items() if 'low_rank' in _fields(cls))
+
+
+def _hashable(value):
+  """Lists (from configs and JSON, at any depth) as tuples: module fields must be hashable."""
+  return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _fields(cls: Type[nn.Module]) -> Dict[str, dataclasses.Field]:
@@ -45,15 +56,34 @@ def build_model(name: str, vocab_size: int, num_classes: int, **kwargs) -> nn.Mo
   )
   if missing:
     raise ValueError(f'model {name!r} needs argument(s) {missing}')
-  # Configs may hand over lists; module fields should be hashable tuples.
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-  return cls(**kwargs)
+  # Configs and JSON specs hand over lists; module fields should be hashable tuples.
+  kwargs = {k: _hashable(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  low_rank = kwargs.get('low_rank', ())
+  if not low_rank:
+    return cls(**kwargs)
+  low_rank = lowrank.normalise_low_rank(low_rank, f'model {name!r} low_rank')
+  model = cls(**{**kwargs, 'low_rank': low_rank})
+  # Once here, not in the modules: a path the model lacks would silently build a full Dense.
+  lowrank.check_low_rank_paths(low_rank, dense_paths(model), f'model {name!r}')
+  return model
+
+
+def _dummy_inputs(batch_size: int, seq_len: int):
+  input_ids = jnp.full((batch_size, seq_len), 2, dtype=jnp.int32)  # [CLS] id
+  attention_mask = jnp.ones((batch_size, seq_len), dtype=jnp.int32)
+  return input_ids, attention_mask
+
+
+def dense_paths(model: nn.Module, batch_size: int = 2, seq_len: int = 16) -> list[str]:
+  """The model's Dense layer paths ('layer_0/attention/query', 'classifier', ...): the paths
+  its `low_rank` keyword may name."""
+  seq_len = min(seq_len, getattr(model, 'max_len', seq_len))  # BERT rejects longer inputs
+  return lowrank.dense_paths(model, *_dummy_inputs(batch_size, seq_len), deterministic=True)
 
 
 def init_params(model: nn.Module, rng: jax.Array, batch_size: int = 2, seq_len: int = 16) -> Any:
   """Parameters from dummy all-real int32 inputs (deterministic, so no dropout rng)."""
-  input_ids = jnp.full((batch_size, seq_len), 2, dtype=jnp.int32)  # [CLS] id
-  attention_mask = jnp.ones((batch_size, seq_len), dtype=jnp.int32)
+  input_ids, attention_mask = _dummy_inputs(batch_size, seq_len)
   # jit: tracing once is far cheaper than dispatching every init op eagerly.
   init = jax.jit(
     lambda key, ids, mask: model.init({'params': key}, ids, mask, deterministic=True)['params']
@@ -63,8 +93,7 @@ def init_params(model: nn.Module, rng: jax.Array, batch_size: int = 2, seq_len: 
 
 def output_shapes(model: nn.Module, batch_size: int = 2, seq_len: int = 16) -> Dict[str, tuple]:
   """Shapes of `logits` and of every `out` entry, without running the model (eval_shape)."""
-  input_ids = jnp.full((batch_size, seq_len), 2, dtype=jnp.int32)
-  attention_mask = jnp.ones((batch_size, seq_len), dtype=jnp.int32)
+  input_ids, attention_mask = _dummy_inputs(batch_size, seq_len)
   (logits, out), _ = jax.eval_shape(
     lambda: model.init_with_output(
       {'params': jax.random.PRNGKey(0)}, input_ids, attention_mask, deterministic=True
