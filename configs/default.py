@@ -59,6 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.teacher_optim = optimizer(learning_rate=5e-4)
   c.student_optim = optimizer(learning_rate=2e-3)
   c.assistant_optim = optimizer(learning_rate=5e-4)  # the assistant stage (a BERT by default)
+  # The 'recover' stage distills an already trained (and compressed) student again: a
+  # smaller step than training from scratch, or it unlearns what compression kept.
+  c.recover_optim = optimizer(learning_rate=1e-4)
+  c.recover_optim.warmup_steps = 20
 
   # Distillation objective (kdjax/kd): a weighted sum of terms; weight 0 turns a term off.
   # Weights are not renormalised. Terms that read hidden states or attention (hidden_mse and
@@ -163,7 +167,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.prune.begin_fraction = 0.1
   c.prune.end_fraction = 0.7
   c.prune.update_every = 50  # steps between mask updates
-  c.prune.stages = ('distill',)  # which student stages prune: student_alone, distill
+  c.prune.stages = ('distill',)  # which student stages prune: student_alone, distill, recover
 
   # Quantization-aware training: the student's forward pass sees its weights fake-quantized
   # (straight-through gradients) as `kdjax.ptq` with the same settings will store them.
@@ -171,14 +175,35 @@ def get_config() -> ml_collections.ConfigDict:
   c.quant.qat_bits = 0  # 0 (off) | 8 | 4
   c.quant.symmetric = True
   c.quant.per_channel = True  # one scale per output unit of a matrix
-  c.quant.rules = ('kernel$', 'embedding$')  # the weights kdjax.ptq quantizes by default
+  # The weights kdjax.ptq quantizes by default (compress/quantize.py DEFAULT_RULES): Dense
+  # kernels, low-rank factors, embedding tables.
+  c.quant.rules = ('kernel(_a|_b)?$', 'embedding$')
   c.quant.exclude = ()
-  c.quant.stages = ('distill',)  # student_alone and/or distill
+  c.quant.stages = ('distill',)  # student_alone, distill and/or recover
+  c.quant.ptq_bits = 8  # 8 | 4: what the 'quantize' stage stores (= qat_bits after QAT)
+
+  # Compression chained with distillation (kdjax/chain.py), one stage each:
+  #   'compress'  transforms the student of the stage before it, without training;
+  #   'recover'   distills that student from the teacher again (train.recover_steps steps
+  #               under recover_optim; prune.stages / quant.stages may include it);
+  #   'quantize'  post-training quantization (quant.ptq_bits) into the compact artifact.
+  # e.g. stages=('teacher', 'distill', 'compress', 'recover', 'quantize').
+  c.compress = ml_collections.ConfigDict()
+  # units (BiLSTM hidden units, CNN filters, BERT FFN neurons) | heads (BERT attention
+  # heads) | lowrank (SVD of Dense kernels into two smaller layers); none without 'compress'
+  c.compress.method = 'none'
+  c.compress.keep = 0.5  # units, heads: fraction kept in every pruned layer
+  c.compress.rank = 0  # lowrank: one rank for every selected kernel (or set energy)
+  c.compress.energy = 0.0  # lowrank: per kernel, keep this share of the squared singular values
+  c.compress.rules = ('kernel$',)  # lowrank: kernels to factorise
+  c.compress.exclude = ('classifier',)
+  c.compress.timing_repeats = 20  # forward passes timed per latency figure of a chain stage
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 64
   c.train.teacher_steps = 1500  # steps of the teacher stage (and of the teacher in 'online')
   c.train.student_steps = 1500  # steps of student_alone, online, distill, assistant and mutual
+  c.train.recover_steps = 500  # steps of the 'recover' stage
   c.train.log_every = 50  # steps between progress lines / metrics.jsonl records
   c.train.eval_every = 500  # steps between dev evaluations (0 = only at the end)
   c.train.checkpoint_every = 250  # steps between checkpoints; a multiple of log_every

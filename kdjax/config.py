@@ -7,7 +7,11 @@ from typing import Callable, Mapping
 
 from kdjax import optim, report
 
-STAGES = ('teacher', 'student_alone', 'online', 'distill', 'assistant', 'mutual')
+# Compression chained with distillation (kdjax/chain.py); each takes over the student of the
+# nearest stage before it that exports one (STUDENT_EXPORTS).
+CHAIN_STAGES = ('compress', 'recover', 'quantize')
+STAGES = ('teacher', 'student_alone', 'online', 'distill', 'assistant', 'mutual', *CHAIN_STAGES)
+STUDENT_EXPORTS = ('student_alone', 'online', 'distill', 'compress', 'recover')
 MULTI_TEACHER = ('average_probs', 'sum_losses')
 # Terms that only read softmax(z/T) of the teacher, so a mixture of teachers can stand in.
 MIXTURE_TERMS = ('ce', 'kl', 'reverse_kl', 'jsd', 'soft_ce', 'dkd')
@@ -133,7 +137,7 @@ def validate(config) -> None:
     f'a non-empty tuple drawn from {", ".join(STAGES)}',
   )
   _require(len(set(stages)) == len(stages), 'stages', stages, 'each stage at most once')
-  for stage in ('assistant', 'distill'):
+  for stage in ('assistant', 'distill', 'recover'):
     if stage in stages and config.teacher.path:
       export = teacher_export_dir(config.teacher.path)
       _require(
@@ -203,7 +207,7 @@ def validate(config) -> None:
       tuple(config[role].init_layers),
       "only used with init_from='teacher'; leave it () otherwise",
     )
-  for key in ('teacher_optim', 'student_optim', 'assistant_optim'):
+  for key in ('teacher_optim', 'student_optim', 'assistant_optim', 'recover_optim'):
     _validate_optimizer(config[key], key)
 
   from kdjax.kd import objective
@@ -228,6 +232,7 @@ def validate(config) -> None:
 
   _validate_prune(config.prune)
   _validate_quant(config.quant)
+  _validate_chain(config, stages)
   validate_parallel(config.parallel)
 
   dc = config.distill
@@ -254,6 +259,7 @@ def validate(config) -> None:
     'batch_size',
     'teacher_steps',
     'student_steps',
+    'recover_steps',
     'log_every',
     'checkpoint_every',
     'keep_checkpoints',
@@ -350,7 +356,55 @@ def _validate_strategies(config, stages: tuple) -> None:
 
 
 PRUNE_METHODS = ('none', 'magnitude', 'movement', 'nm')
-PRUNE_STAGES = ('student_alone', 'distill')
+PRUNE_STAGES = ('student_alone', 'distill', 'recover')
+COMPRESS_METHODS = ('none', 'units', 'heads', 'lowrank')
+
+
+def _validate_chain(config, stages: tuple) -> None:
+  for stage in CHAIN_STAGES:
+    if stage in stages:
+      before = stages[: stages.index(stage)]
+      _require(
+        any(s in STUDENT_EXPORTS for s in before),
+        'stages',
+        stages,
+        f"'{stage}' needs a student to work on: put one of {', '.join(STUDENT_EXPORTS)} before it",
+      )
+  c = config.compress
+  _require(
+    c.method in COMPRESS_METHODS,
+    'compress.method',
+    c.method,
+    f'one of {", ".join(COMPRESS_METHODS)}',
+  )
+  if 'compress' in stages:
+    _require(
+      c.method != 'none',
+      'compress.method',
+      c.method,
+      f"the 'compress' stage needs one of {', '.join(COMPRESS_METHODS[1:])}",
+    )
+  if c.method in ('units', 'heads'):
+    _require(0 < c.keep <= 1, 'compress.keep', c.keep, 'a fraction of units kept in (0, 1]')
+  if c.method == 'lowrank':
+    _require(
+      (c.rank > 0) != (0 < c.energy <= 1),
+      'compress.rank',
+      (c.rank, c.energy),
+      'set exactly one of compress.rank (> 0) and compress.energy (in (0, 1])',
+    )
+    _require(len(c.rules) > 0, 'compress.rules', tuple(c.rules), 'at least one regex')
+  _require(c.timing_repeats >= 1, 'compress.timing_repeats', c.timing_repeats, 'must be >= 1')
+  q = config.quant
+  _require(q.ptq_bits in (4, 8), 'quant.ptq_bits', q.ptq_bits, '4 or 8')
+  trained_quantized = q.qat_bits and any(s in stages for s in q.stages)
+  if 'quantize' in stages and trained_quantized:
+    _require(
+      q.ptq_bits == q.qat_bits,
+      'quant.ptq_bits',
+      q.ptq_bits,
+      f'must equal quant.qat_bits={q.qat_bits}: the quantize stage stores the grid QAT trained on',
+    )
 
 
 PARALLEL_MODES = ('single', 'pmap', 'shard_map', 'mesh')
@@ -389,9 +443,9 @@ def validate_parallel(p) -> None:
 
 def _validate_quant(q) -> None:
   _require(q.qat_bits in (0, 4, 8), 'quant.qat_bits', q.qat_bits, '0 (off), 4 or 8')
+  _require(len(q.rules) > 0, 'quant.rules', tuple(q.rules), 'at least one regex')
   if not q.qat_bits:
     return
-  _require(len(q.rules) > 0, 'quant.rules', tuple(q.rules), 'at least one regex')
   _require(
     len(q.stages) > 0 and all(s in PRUNE_STAGES for s in q.stages),
     'quant.stages',

@@ -60,7 +60,7 @@ def run(
   bits=8,
   symmetric=True,
   per_channel=True,
-  rule_list=('kernel$', 'embedding$'),
+  rule_list=quantize.DEFAULT_RULES,
   repeats=20,
   sparse_rules=(),
 ) -> dict:
@@ -170,7 +170,7 @@ def define_flags() -> None:
   flags.DEFINE_enum('bits', '8', ['8', '4'], 'Bits per quantized weight.')
   flags.DEFINE_bool('asymmetric', False, 'Affine (min/max) instead of symmetric.')
   flags.DEFINE_bool('per_tensor', False, 'One scale per tensor, not per channel.')
-  flags.DEFINE_list('rules', ['kernel$', 'embedding$'], 'Regexes of weights to quantize.')
+  flags.DEFINE_list('rules', list(quantize.DEFAULT_RULES), 'Regexes of weights to quantize.')
   flags.DEFINE_integer('timing_repeats', 20, 'Timed forward passes per figure.')
   flags.DEFINE_list('sparse_rules', [], 'Regexes of pruned weights to store sparsely.')
   flags.mark_flags_as_required(['workdir', 'output'])

@@ -181,6 +181,9 @@ def summary(stages: dict) -> dict:
   for stage in ('student_alone', 'distill'):
     if 'qat' in stages.get(stage, {}):  # the accuracy of the weights kdjax.ptq will store
       out[f'{stage}_quantized_accuracy'] = stages[stage]['qat']['eval_accuracy_quantized']
+  for row in compression_rows(stages):  # chain stages: compress, recover, quantize
+    out[f'chain_{row["stage"]}_accuracy'] = row['eval_accuracy']
+    out[f'chain_{row["stage"]}_bytes'] = row['artifact_bytes']
   generations = _generations(stages)
   if generations:
     for stage, accuracy in zip(generations['stages'][1:], generations['eval_accuracy'][1:]):
@@ -208,6 +211,35 @@ def format_table(stages: dict) -> str:
         f'{_pct(m["eval_accuracy"])} | {_pct(agree)} | '
         f'{result["train_examples_per_sec"]:.0f} | {m["eval_examples_per_sec"]:.0f} |'
       )
+  return '\n'.join(lines)
+
+
+def compression_rows(stages: dict) -> list[dict]:
+  """Every chain stage's rows in stage order, each stage measured once."""
+  rows, seen = [], set()
+  for result in stages.values():
+    for row in result.get('compression', []):
+      if row['stage'] not in seen:
+        seen.add(row['stage'])
+        rows.append(row)
+  return rows
+
+
+def compression_table(stages: dict) -> str:
+  """The markdown table report.md shows for a run with chain stages ('' without)."""
+  rows = compression_rows(stages)
+  if not rows:
+    return ''
+  lines = [
+    '| stage | params | zeros % | bytes on disk | bits/param | dev acc % | batch 1 ms | batch 32 ms |',
+    '|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+  for r in rows:
+    lines.append(
+      f'| {r["stage"]} | {r["params"]:,} | {100 * r["sparsity"]:.1f} | {r["artifact_bytes"]:,} | '
+      f'{r["bits_per_param"]:.2f} | {100 * r["eval_accuracy"]:.2f} | '
+      f'{r["latency_ms_batch1"]:.2f} | {r["latency_ms_batch32"]:.2f} |'
+    )
   return '\n'.join(lines)
 
 
@@ -251,6 +283,15 @@ def write_report(path: str | os.PathLike, results: dict) -> None:
       + ' → '.join(_pct(a) for a in generations['eval_accuracy'])
       + f'; ensemble of all generations {_pct(generations["ensemble_eval_accuracy"])}.'
     )
+  table = compression_table(stages)
+  if table:
+    lines += [
+      '',
+      'Compression (sizes are the compact artifacts on disk; latency on this CPU):',
+      '',
+      table,
+      '',
+    ]
   for stage, result in stages.items():
     lines.append(
       f'- `{stage}`: {result["steps"]} steps, {result["wall_time_sec"]:.0f} s'

@@ -34,6 +34,7 @@ STAGE_SEEDS = {
   'distill': 14,
   'assistant': 16,
   'mutual': 17,
+  'recover': 18,
 }
 KD_HEADS_SEED = 15
 # The config roles a stage trains ('distill_gen<g>' stages train what 'distill' does).
@@ -44,8 +45,11 @@ STAGE_ROLES = {
   'distill': ('student',),
   'assistant': ('assistant',),
   'mutual': ('student',),
+  'recover': ('student',),
 }
-DISTILLING = ('distill', 'assistant')  # stages that learn from frozen teachers
+DISTILLING = ('distill', 'assistant', 'recover')  # stages that learn from frozen teachers
+# Stages that train nothing: they transform or quantize the student before them (chain.py).
+TRANSFORMS = ('compress', 'quantize')
 
 
 @dataclasses.dataclass
@@ -273,7 +277,9 @@ def _objectives(config, steps: int, learner, teachers: list) -> list:
 def _check_objective(config, workdir: pathlib.Path, vocab_size: int) -> None:
   """Distillation terms that cannot apply to these models fail before any stage runs."""
   for name in strategies.stage_names(config):
-    if strategies.base_stage(name) not in DISTILLING:
+    # The recover stage's model is the compressed export, known once 'compress' ran; its
+    # objective is checked when the stage builds it.
+    if strategies.base_stage(name) not in DISTILLING or name == 'recover':
       continue
     (learner,) = STAGE_ROLES[strategies.base_stage(name)]
     teachers = [
@@ -301,24 +307,42 @@ def run_stage(
   if finished is not None:
     return finished
   stage_dir.mkdir(parents=True, exist_ok=True)
+  make_eval = eval_batches(config, data.eval_ids, data.eval_labels)
+  if name in TRANSFORMS:
+    from kdjax import chain  # compression is only imported by runs that use it
+
+    run = {'compress': chain.run_compress, 'quantize': chain.run_quantize}[name]
+    return run(config, workdir, data.tokenizer, _evalset(config, data, make_eval), writer)
   start = time.perf_counter()
   key = jax.random.PRNGKey(config.seed)
   vocab_size = len(data.tokenizer)
   base = strategies.base_stage(name)
   members = stage_members(config, name)
-  specs = {m: model_spec(config, role, vocab_size) for m, role in members.items()}
+  role_specs = {role: model_spec(config, role, vocab_size) for role in STAGE_ROLES[base]}
+  if base == 'recover':  # the model is the (compressed) student of the stage before
+    from kdjax import chain
+
+    source = chain.source_export(config, workdir, name)
+    role_specs['student'] = checkpoint.read_export_spec(source)
+  specs = {m: role_specs[role] for m, role in members.items()}
   # Members of one role (mutual students) share a module and its compiled functions.
-  role_models = {role: build(model_spec(config, role, vocab_size)) for role in STAGE_ROLES[base]}
+  role_models = {role: build(spec) for role, spec in role_specs.items()}
   role_logits_fns = {role: step_lib.make_logits_fn(m) for role, m in role_models.items()}
   models = {m: role_models[role] for m, role in members.items()}
   logits_fns = {m: role_logits_fns[role] for m, role in members.items()}
-  init = {
-    m: initial_params(config, role, models[m], strategies.init_key(key, name, m), workdir)
-    for m, role in members.items()
-  }
-  make_eval = eval_batches(config, data.eval_ids, data.eval_labels)
+  if base == 'recover':
+    abstract = jax.eval_shape(lambda: registry.init_params(models['student'], key))
+    init = {'student': checkpoint.load_export_params(source, abstract)}
+    print(f'[{name}] continuing from {source}', flush=True)
+  else:
+    init = {
+      m: initial_params(config, role, models[m], strategies.init_key(key, name, m), workdir)
+      for m, role in members.items()
+    }
 
-  steps = config.train.teacher_steps if name == 'teacher' else config.train.student_steps
+  steps = {'teacher': config.train.teacher_steps, 'recover': config.train.recover_steps}.get(
+    name, config.train.student_steps
+  )
   teacher_params, teachers, cache_infos, objectives = None, [], [], []
   parts = data.shard_parts(data.train_ids, data.train_labels, data.train_text)
   batches = train_batches(config, data, parts)
@@ -372,8 +396,9 @@ def run_stage(
   else:
     loss_fn = step_lib.supervised_loss_fn(role_models[STAGE_ROLES[base][0]])
 
-  txs = {m: optim.make_optimizer(config[f'{role}_optim'], steps) for m, role in members.items()}
-  schedule = optim.learning_rate_schedule(config[f'{STAGE_ROLES[base][-1]}_optim'], steps)
+  optim_cfg = lambda role: config['recover_optim' if base == 'recover' else f'{role}_optim']
+  txs = {m: optim.make_optimizer(optim_cfg(role), steps) for m, role in members.items()}
+  schedule = optim.learning_rate_schedule(optim_cfg(STAGE_ROLES[base][-1]), steps)
   joint = len(members) > 1
   (only,) = members if not joint else (None,)
   params = init if joint else init[only]
@@ -455,6 +480,14 @@ def run_stage(
     result['sparsity'] = pruning.sparsity_report(
       as_members(trained)[only], tuple(config.prune.rules), tuple(config.prune.exclude)
     )
+  if base == 'recover':
+    from kdjax import chain
+
+    evalset = _evalset(config, data, make_eval)
+    (p,) = as_members(trained).values()
+    rows = [chain.source_row(config, workdir, name, evalset)]  # None after 'compress'
+    rows.append(chain.measure_float(config, name, stage_dir, p, specs['student'], evalset)[0])
+    result['compression'] = [r for r in rows if r]
   if cache_infos:
     result['teacher_cache'] = cache_infos[0]
   if teachers:
@@ -486,6 +519,12 @@ def run_stage(
   # The next stage may read this one's export and result on any process.
   parallel.barrier(f'{name} done')
   return result
+
+
+def _evalset(config, data: TaskData, make_eval):
+  from kdjax import chain
+
+  return chain.EvalSet(data.eval_ids, data.eval_labels, tuple(config.data.buckets), make_eval)
 
 
 def _fake_quant(quant_cfg, params):
@@ -617,9 +656,14 @@ def run(config, workdir) -> dict:
   names = strategies.stage_names(config)
   stages = {name: run_stage(name, config, data, workdir, writer, data_parallel) for name in names}
   last_generation = strategies.generation_stage(config.distill.generations)
-  candidates = (last_generation, 'online', 'student_alone', 'mutual')
-  student_stage = next((s for s in candidates if s in stages), None)
+  # The last stage's student in chain order: compression stages, then the trained ones.
+  candidates = ('quantize', 'recover', 'compress', last_generation, 'online', 'student_alone')
+  student_stage = next((s for s in candidates + ('mutual',) if s in stages), None)
   final_role = 'student_0' if student_stage == 'mutual' else 'student'
+  # The quantize stage's student is its compact artifact, which kdjax.predict also runs.
+  final = (
+    'quantize/artifact' if student_stage == 'quantize' else f'{student_stage}/export/{final_role}'
+  )
   results = {
     'schema_version': report.RESULTS_SCHEMA_VERSION,
     'name': config.name,
@@ -630,7 +674,7 @@ def run(config, workdir) -> dict:
     'eval_examples': len(data.eval_ids),
     'stages': stages,
     'summary': report.summary(stages),
-    'final_student': f'{student_stage}/export/{final_role}' if student_stage else None,
+    'final_student': final if student_stage else None,
     'wall_time_sec': sum(s['wall_time_sec'] for s in stages.values()),
   }
   if lead:

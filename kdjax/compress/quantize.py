@@ -35,6 +35,9 @@ import numpy as np
 from kdjax.compress import rules as rules_lib
 
 BITS = (4, 8)
+# What is quantized unless told otherwise: Dense kernels, low-rank factors (lowrank.py's
+# kernel_a/kernel_b) and embedding tables; biases and norms stay float.
+DEFAULT_RULES = ('kernel(_a|_b)?$', 'embedding$')
 METHODS = ('minmax', 'percentile')
 
 
