@@ -99,13 +99,19 @@ def run_bases(runs):
   for arg in runs:
     workdir, _, model_path = arg.partition(':')
     workdir = pathlib.Path(workdir)
+    # Several exports of one run (e.g. a chain's distill and recover stages) by their stage.
+    name = f'{workdir.name}:{model_path.split("/")[0]}' if model_path else workdir.name
     if not model_path:
       final = json.loads((workdir / 'results.json').read_text()).get('final_student')
       # A teacher-only run has no final student; its model is the teacher export.
       model_path = final or 'teacher/export/teacher'
     _, params, _ = load_model(workdir, model_path)
-    spec = checkpoint.read_export_spec(workdir / model_path)
-    bases.append((workdir.name, spec, jax.device_get(params), str(workdir / model_path)))
+    export = workdir / model_path
+    # A chain's final student is its quantize stage's artifact (the spec inside it; the
+    # params above are its dequantized weights, which the int8 variant quantizes again).
+    is_artifact = (export / artifact.MANIFEST).is_file()
+    spec = artifact.load(export)[1] if is_artifact else checkpoint.read_export_spec(export)
+    bases.append((name, spec, jax.device_get(params), str(workdir / model_path)))
   return bases
 
 

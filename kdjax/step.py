@@ -7,6 +7,7 @@ Every loss function is `loss_fn(params, teacher_params, batch, rng, step)`; the 
 drives the objective's temperature and weight schedules.
 """
 
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -22,6 +23,39 @@ from kdjax.kd import output as kd_output
 
 Batch = Mapping[str, jax.Array]
 LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+def unroll_cpu_threefry(unrolled: bool = True) -> bool:
+  """Lowers jax's threefry PRNG on CPU as straight-line code (True) or jax's default rolled
+  loop (False), for every compile that follows in this process; returns whether it applied.
+
+  Why: on CPU jax emits threefry's 20 rounds as an XLA while loop (shorter compiles), which
+  XLA cannot fuse, so every dropout mask materialises its uint32 state in memory once per
+  round. At the MiniLM teacher's fine-tuning step (batch 32, L = 128) that was ~20 % of
+  forward + backward; unrolled, XLA fuses the rounds into the mask's consumers. The bits are
+  the same (same algorithm, same keys), so masks and results are bit-identical. The unrolled
+  form is what jax already uses on GPU and TPU. It reaches into jax internals: on a jax
+  without them it changes nothing, says so in a warning, and returns False (results are the
+  same either way; only the speed differs).
+  """
+  try:
+    from jax._src.interpreters import mlir
+    from jax._src.random import threefry2x32 as threefry
+
+    rule = threefry._threefry2x32_lowering_rule if unrolled else None
+    rule = rule or threefry._threefry2x32_cpu_lowering_rule
+    mlir.register_lowering(threefry.threefry2x32_p, rule, platform='cpu')
+  except (ImportError, AttributeError) as e:
+    warnings.warn(
+      f'kdjax.step: could not switch the CPU threefry lowering ({e}); dropout masks use '
+      "jax's default rolled loop (same values, slower on CPU)",
+      stacklevel=2,
+    )
+    return False
+  return True
+
+
+CPU_THREEFRY_UNROLLED = unroll_cpu_threefry()
 
 
 @flax.struct.dataclass

@@ -78,3 +78,20 @@ def test_missing_torch_is_one_clear_error(monkeypatch, tmp_path):
   monkeypatch.setitem(sys.modules, 'torch', None)  # import torch now raises ImportError
   with pytest.raises(SystemExit, match='pip install torch=='):
     distill_step.main(['--scale=tiny', '--torch', '--out', str(tmp_path / 'x.json')])
+
+
+def test_speedups_smoke(tmp_path):
+  """benchmarks/speedups.py at toy sizes: before/after rows with positive figures."""
+  from benchmarks import speedups
+
+  out = tmp_path / 'speedups.json'
+  # The groups that build their own loops; attention and bf16 reuse the Step class that
+  # threefry exercises (and tests/test_fused_attention.py checks the fused path itself).
+  argv = ['--scale=tiny', '--seq-lens=8', '--loop-steps=11', '--rounds=1']
+  speedups.main(argv + ['--groups=threefry,prefetch,checkpoint', '--out', str(out)])
+  rows = json.loads(out.read_text())['rows']
+  counts = {'threefry': 4, 'prefetch': 2, 'checkpoint': 2}
+  assert [r['group'] for r in rows] == [g for g, n in counts.items() for _ in range(n)]
+  for row in rows:
+    assert row['median_ms'] > 0 and row['speedup'] > 0, row
+    assert row.get('mfu', 0) > 0 or row.get('steps_per_sec', 0) > 0, row

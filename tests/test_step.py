@@ -146,3 +146,24 @@ def test_dropout_differs_per_step_but_replays_identically():
   first, second = losses_of_run(), losses_of_run()
   assert first == second
   assert len(set(first)) == 3
+
+
+def test_unrolled_cpu_threefry_lowers_without_a_loop_and_gives_the_same_bits():
+  """kdjax.step switches dropout's PRNG on CPU to jax's straight-line lowering (for speed,
+  benchmarks/speedups.py): the masks must be bit for bit those of jax's default loop."""
+  assert step_lib.CPU_THREEFRY_UNROLLED
+  key = jax.random.PRNGKey(3)
+
+  def masks(unrolled: bool):
+    step_lib.unroll_cpu_threefry(unrolled)
+    # A fresh function each time, so jit lowers it again under the current rule.
+    fn = jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (64, 128)))
+    return fn.lower(key).as_text(), np.asarray(fn(key))
+
+  try:
+    rolled_text, rolled = masks(False)
+    unrolled_text, unrolled = masks(True)
+  finally:
+    step_lib.unroll_cpu_threefry(True)
+  assert 'while' in rolled_text and 'while' not in unrolled_text
+  np.testing.assert_array_equal(rolled, unrolled)
