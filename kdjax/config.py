@@ -384,6 +384,24 @@ def _validate_chain(config, stages: tuple) -> None:
       c.method,
       f"the 'compress' stage needs one of {', '.join(COMPRESS_METHODS[1:])}",
     )
+  if 'compress' in stages and c.method != 'none':
+    # The chain compresses the student trained from config.student: refuse a method that
+    # model lacks now, not after the stages before 'compress' have trained.
+    from kdjax.compress import structured
+    from kdjax.models import registry
+
+    model = config.student.model
+    supported = {
+      'units': sorted(structured.PRUNERS),
+      'heads': sorted(m for m, _ in structured.PRUNERS_BY_PART),
+      'lowrank': registry.low_rank_models(),
+    }[c.method]
+    _require(
+      model in supported,
+      'compress.method',
+      c.method,
+      f'works on {", ".join(supported)} students; config.student.model is {model!r}',
+    )
   if c.method in ('units', 'heads'):
     _require(0 < c.keep <= 1, 'compress.keep', c.keep, 'a fraction of units kept in (0, 1]')
   if c.method == 'lowrank':

@@ -221,6 +221,11 @@ def test_recover_right_after_training_measures_its_source(cnn_chain, tmp_path):
     ),
     (('teacher', 'distill', 'quantize'), {'quant.ptq_bits': 3}, 'quant.ptq_bits=3'),
     (
+      ('teacher', 'distill', 'compress'),
+      {'compress.method': 'heads'},
+      "works on bert students; config.student.model is 'cnn'",
+    ),
+    (
       ('teacher', 'distill', 'quantize'),
       {'quant.qat_bits': 8, 'quant.ptq_bits': 4},
       'must equal quant.qat_bits=8',
