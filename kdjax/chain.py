@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import shutil
 import time
 from typing import Callable
 
 import jax
 import numpy as np
 
-from kdjax import checkpoint, evaluate, parallel, ptq, report, strategies, train
+from kdjax import checkpoint, evaluate, parallel, ptq, strategies, train
 from kdjax import config as config_lib
 from kdjax import step as step_lib
 from kdjax.compress import artifact, lowrank, quantize, structured
@@ -143,9 +142,7 @@ def measure(
 def _write_artifact(directory: pathlib.Path, params, spec: dict, sparse_rules) -> None:
   """The stage's compact artifact, replaced whole so no stale file is counted in its size."""
   if parallel.is_lead_process():
-    if directory.is_dir():
-      shutil.rmtree(directory)
-    artifact.save(directory, params, spec, sparse_rules=sparse_rules)
+    ptq.replace_artifact(directory, params, spec, sparse_rules)
   parallel.barrier(f'artifact {directory}')
 
 
@@ -169,15 +166,14 @@ def measure_float(config, stage: str, stage_dir, params, spec: dict, evalset):
   )
 
 
-def source_row(config, workdir: pathlib.Path, name: str, evalset) -> dict | None:
-  """The source stage's row, measured here when the source is not itself a chain stage
-  (those measure themselves); None otherwise."""
+def source_row(config, workdir: pathlib.Path, name: str, evalset):
+  """(row, dev logits) of the source stage, measured here when the source is not itself a
+  chain stage (those measure themselves); (None, None) otherwise."""
   source = source_stage(config, name)
   if source in config_lib.CHAIN_STAGES:
-    return None
+    return None, None
   _, params, spec = train.load_exported_model(source_export(config, workdir, name))
-  row, _ = measure_float(config, source, workdir / name / 'source', params, spec, evalset)
-  return row
+  return measure_float(config, source, workdir / name / 'source', params, spec, evalset)
 
 
 def _result(row: dict, start: float, rows: list, **extra) -> dict:
@@ -199,21 +195,6 @@ def _result(row: dict, start: float, rows: list, **extra) -> dict:
   }
 
 
-def _finish(stage_dir: pathlib.Path, name: str, result: dict, writer) -> dict:
-  writer.write(
-    {
-      'stage': name,
-      'step': 0,
-      'final': True,
-      'eval_student_accuracy': result['models']['student']['eval_accuracy'],
-    }
-  )
-  if parallel.is_lead_process():
-    report.write_json(stage_dir / 'result.json', result)
-  parallel.barrier(f'{name} done')
-  return result
-
-
 def run_compress(config, workdir: pathlib.Path, tokenizer, evalset: EvalSet, writer) -> dict:
   """The 'compress' stage: config.compress applied to the source stage's student."""
   name = 'compress'
@@ -228,7 +209,7 @@ def run_compress(config, workdir: pathlib.Path, tokenizer, evalset: EvalSet, wri
   checkpoint.export_model(export_dir, new_params, new_spec)  # every process joins orbax
   if parallel.is_lead_process():
     text.save_tokenizer(tokenizer, export_dir)
-  rows = [source_row(config, workdir, name, evalset)]
+  rows = [source_row(config, workdir, name, evalset)[0]]
   row, _ = measure_float(config, name, stage_dir, new_params, new_spec, evalset)
   rows = [r for r in rows if r] + [row]
   result = _result(
@@ -241,7 +222,7 @@ def run_compress(config, workdir: pathlib.Path, tokenizer, evalset: EvalSet, wri
     kwargs_after=new_spec['kwargs'],
     **details,
   )
-  return _finish(stage_dir, name, result, writer)
+  return train.finish_stage(stage_dir, name, 0, result, writer)
 
 
 def run_quantize(config, workdir: pathlib.Path, tokenizer, evalset: EvalSet, writer) -> dict:
@@ -259,22 +240,21 @@ def run_quantize(config, workdir: pathlib.Path, tokenizer, evalset: EvalSet, wri
   sparse = tuple(config.prune.rules) if pruned_through(config, name) else ()
   _write_artifact(stage_dir / ARTIFACT, qparams, spec, sparse)
   float_fn = step_lib.make_logits_fn(train.build(spec))
-  # Weights stay quantized in memory and are dequantized inside the compiled forward pass,
-  # what a memory-bound deployment runs (and what kdjax.ptq measures).
-  quant_fn = jax.jit(lambda qp, batch: float_fn(quantize.dequantize_params(qp), batch))
-  rows = [source_row(config, workdir, name, evalset)]
+  source, float_logits = source_row(config, workdir, name, evalset)
+  rows = [source]
   row, quant_logits = measure(
     name,
     spec['model'],
     host,
     jax.device_put(qparams),
-    quant_fn,
+    ptq.dequantizing(float_fn),  # what kdjax.ptq measures
     stage_dir / ARTIFACT,
     evalset,
     config.compress.timing_repeats,
   )
   row['bits'] = q.ptq_bits
-  float_logits = evaluate.predict_logits(float_fn, jax.device_put(host), evalset.batches())
+  if float_logits is None:  # the source is a chain stage: it measured itself, logits not kept
+    float_logits = evaluate.predict_logits(float_fn, jax.device_put(host), evalset.batches())
   rows = [r for r in rows if r] + [row]
   if parallel.is_lead_process():
     text.save_tokenizer(tokenizer, stage_dir / ARTIFACT)
@@ -290,4 +270,4 @@ def run_quantize(config, workdir: pathlib.Path, tokenizer, evalset: EvalSet, wri
     agreement_with_float=evaluate.agreement(quant_logits, float_logits),
     float_eval_accuracy=evaluate.accuracy(float_logits, evalset.labels),
   )
-  return _finish(stage_dir, name, result, writer)
+  return train.finish_stage(stage_dir, name, 0, result, writer)

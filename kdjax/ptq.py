@@ -39,6 +39,21 @@ def eval_data(workdir: pathlib.Path, tokenizer):
   return pipeline.encode(sentences, tokenizer, d['max_len']), labels, tuple(d['buckets'])
 
 
+def replace_artifact(directory: pathlib.Path, params, spec: dict, sparse_rules=()) -> None:
+  """Writes the compact artifact at `directory` (pruned weights, `sparse_rules`, as a bit mask
+  plus the kept values where smaller). A re-run replaces its own earlier artifact whole, so
+  no stale file is counted in its size."""
+  if directory.is_dir():
+    shutil.rmtree(directory)
+  artifact.save(directory, params, spec, sparse_rules=tuple(sparse_rules))
+
+
+def dequantizing(logits_fn):
+  """`logits_fn` on quantized weights: they stay quantized in memory and are dequantized
+  inside the compiled forward pass (what a memory-bound deployment runs)."""
+  return jax.jit(lambda qparams, batch: logits_fn(quantize.dequantize_params(qparams), batch))
+
+
 def latency_ms(logits_fn, params, ids, labels, buckets, batch_size: int, repeats: int) -> float:
   """Median wall time of one forward pass on a fixed batch, after compilation."""
   batch = next(
@@ -73,10 +88,7 @@ def run(
   qparams = jax.device_put(
     quantize.quantize_params(params, bits, symmetric, per_channel, tuple(rule_list))
   )
-  # Pruned weights (sparse_rules) are stored as a bit mask plus the kept values where smaller.
-  if (output / 'artifact').is_dir():  # a re-run replaces its own earlier artifact whole,
-    shutil.rmtree(output / 'artifact')  # so no stale file is counted in its size
-  artifact.save(output / 'artifact', qparams, spec, sparse_rules=tuple(sparse_rules))
+  replace_artifact(output / 'artifact', qparams, spec, sparse_rules)
   # The model's size: weights and manifest, compared with float32 weights. The tokenizer,
   # saved beside them so kdjax.predict --model=<artifact> runs it, is the same file for
   # either and is reported on its own.
@@ -86,8 +98,7 @@ def run(
   ids, labels, buckets = eval_data(workdir, tokenizer)
 
   float_fn = step_lib.make_logits_fn(model)
-  # Weights stay quantized in memory; they are dequantized inside the compiled forward pass.
-  quant_fn = jax.jit(lambda q, batch: float_fn(quantize.dequantize_params(q), batch))
+  quant_fn = dequantizing(float_fn)
   figures = {}
   for name, fn, p in (('float32', float_fn, params), (f'int{bits}', quant_fn, qparams)):
     logits = evaluate.predict_logits(fn, p, pipeline.ordered_pass(ids, labels, 64, buckets))

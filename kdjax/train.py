@@ -485,7 +485,7 @@ def run_stage(
 
     evalset = _evalset(config, data, make_eval)
     (p,) = as_members(trained).values()
-    rows = [chain.source_row(config, workdir, name, evalset)]  # None after 'compress'
+    rows = [chain.source_row(config, workdir, name, evalset)[0]]  # None after 'compress'
     rows.append(chain.measure_float(config, name, stage_dir, p, specs['student'], evalset)[0])
     result['compression'] = [r for r in rows if r]
   if cache_infos:
@@ -506,6 +506,11 @@ def run_stage(
       workdir, name, logits['student'], data.eval_labels, lambda d: _export_logits(d, make_eval)
     )
   result['wall_time_sec'] = time.perf_counter() - start
+  return finish_stage(stage_dir, name, steps, result, writer)
+
+
+def finish_stage(stage_dir: pathlib.Path, name: str, steps: int, result: dict, writer) -> dict:
+  """Logs a stage's final dev accuracies and writes its result.json, which marks it done."""
   writer.write(
     {
       'stage': name,
@@ -514,7 +519,7 @@ def run_stage(
       **{f'eval_{r}_accuracy': m['eval_accuracy'] for r, m in result['models'].items()},
     }
   )
-  if lead:
+  if parallel.is_lead_process():
     report.write_json(stage_dir / 'result.json', result)
   # The next stage may read this one's export and result on any process.
   parallel.barrier(f'{name} done')
