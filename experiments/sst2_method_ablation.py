@@ -4,9 +4,10 @@
   python -m kdjax.sweep --config=experiments/sst2_method_ablation.py \\
       --workdir=runs/method_ablation
 
-Teacher: the 3-epoch fine-tuned MiniLM (runs/minilm_teacher3, 89.79 dev); the
-multi-teacher method adds the 1-epoch teacher (runs/minilm_teacher, 88.99) and distills
-their averaged probabilities. Student: the 4.5 M-parameter transformer of
+Teacher: the 1-epoch fine-tuned MiniLM (runs/minilm_teacher, 88.99 dev); the
+multi-teacher method adds a second, different teacher, the transformer distilled with
+augmented data (runs/bert_student_aug6k_seed1, 87.04), and distills their averaged
+probabilities. Student: the 4.5 M-parameter transformer of
 sst2_minilm_students.py (2 of the teacher's layers, FFN pruned to 768, rank-64
 embeddings), so hidden states, attention maps and Q/K/V relations exist on both sides at
 the same width. Every method trains on SST-2 alone (no augmentation) with the teacher run
@@ -20,8 +21,9 @@ SECOND_TEACHER below.
 
 from experiments import parse_args, sst2_minilm_students
 
-# The multi-teacher method's second teacher (the 1-epoch MiniLM, 88.99).
-SECOND_TEACHER = 'runs/minilm_teacher'
+# The multi-teacher method's second teacher: the 6,000-step augmented transformer student of
+# sst2_minilm_students.py, seed 1 (87.04), an export folder.
+SECOND_TEACHER = 'runs/bert_student_aug6k_seed1/distill/export/student'
 # Each method: the config overrides that define it on top of get_config().
 METHODS = {
   'kl': {},
@@ -42,7 +44,7 @@ def get_config(arg: str = ''):
     {'teacher': '<workdir>', 'runlocal': ''},
     'experiments/sst2_method_ablation.py',
   )
-  teacher = args.get('teacher', 'runs/minilm_teacher3')
+  teacher = args.get('teacher', 'runs/minilm_teacher')
   config = sst2_minilm_students.get_config(
     f'student=bert,teacher={teacher}' + (',runlocal' if args.get('runlocal') else '')
   )
