@@ -209,6 +209,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 250  # steps between checkpoints; a multiple of log_every
   c.train.keep_checkpoints = 2  # newest checkpoints kept per stage
   c.train.eval_batch_size = 256
+  # True: every BERT the run builds, trained or a frozen teacher read from an export, applies
+  # its layers as one lax.scan (kdjax.models.bert scan_layers): one compiled layer body, so
+  # deep models compile faster. Results, checkpoints and exports are unchanged;
+  # benchmarks/scan_layers.py measures what it saves in compile time and costs per step.
+  c.train.scan_layers = False
   # A NaN/Inf loss, gradient or metric: 'stop' (error naming step and term, last good
   # checkpoint kept) or 'skip' (the step changes nothing; counted; at most max_skipped_steps).
   c.train.nonfinite = 'stop'

@@ -182,16 +182,21 @@ def model_spec(config, role: str, vocab_size: int) -> dict:
   }
 
 
-def build(spec: dict):
+def build(spec: dict, scan_layers: bool = False):
+  """The model a spec describes. scan_layers (config.train.scan_layers) runs a BERT's layers
+  as one lax.scan: a compute choice, so it is applied here and never written into a spec."""
+  kwargs = dict(spec['kwargs'])
+  if scan_layers and spec['model'] == 'bert':
+    kwargs['scan_layers'] = True
   return registry.build_model(
-    spec['model'], vocab_size=spec['vocab_size'], num_classes=spec['num_classes'], **spec['kwargs']
+    spec['model'], vocab_size=spec['vocab_size'], num_classes=spec['num_classes'], **kwargs
   )
 
 
-def load_exported_model(export_dir: pathlib.Path):
+def load_exported_model(export_dir: pathlib.Path, scan_layers: bool = False):
   """(model, params, spec) from an export written at the end of a stage."""
   spec = checkpoint.read_export_spec(export_dir)
-  model = build(spec)
+  model = build(spec, scan_layers)
   abstract = jax.eval_shape(lambda: registry.init_params(model, jax.random.PRNGKey(0)))
   return model, checkpoint.load_export_params(export_dir, abstract), spec
 
@@ -208,14 +213,16 @@ def _check_config(config, workdir: pathlib.Path) -> None:
   config_lib.check_workdir_config(config, workdir, schema)
 
 
-def _load_teacher(source: strategies.TeacherSource, tokenizer: text.Tokenizer):
+def _load_teacher(
+  source: strategies.TeacherSource, tokenizer: text.Tokenizer, scan_layers: bool = False
+):
   export_dir = source.export_dir
   if text.load_tokenizer(export_dir) != tokenizer:
     raise config_lib.ConfigError(
       f'{source.name}: the teacher was trained with another '
       f'tokenizer ({export_dir}); distill with the same data settings or retrain it'
     )
-  return (*load_exported_model(export_dir), export_dir)
+  return (*load_exported_model(export_dir, scan_layers), export_dir)
 
 
 def stage_members(config, name: str) -> dict[str, str]:
@@ -326,7 +333,7 @@ def run_stage(
     role_specs['student'] = checkpoint.read_export_spec(source)
   specs = {m: role_specs[role] for m, role in members.items()}
   # Members of one role (mutual students) share a module and its compiled functions.
-  role_models = {role: build(spec) for role, spec in role_specs.items()}
+  role_models = {role: build(spec, config.train.scan_layers) for role, spec in role_specs.items()}
   role_logits_fns = {role: step_lib.make_logits_fn(m) for role, m in role_models.items()}
   models = {m: role_models[role] for m, role in members.items()}
   logits_fns = {m: role_logits_fns[role] for m, role in members.items()}
@@ -349,7 +356,7 @@ def run_stage(
   if base in DISTILLING:
     (learner,) = members
     sources = strategies.teacher_sources(config, workdir, name)
-    teachers = [_load_teacher(s, data.tokenizer) for s in sources]
+    teachers = [_load_teacher(s, data.tokenizer, config.train.scan_layers) for s in sources]
     teacher_models = [t[0] for t in teachers]
     weights = strategies.teacher_weights(config, len(teachers))
     objectives = _objectives(config, steps, models[learner], teacher_models)

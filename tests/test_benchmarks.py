@@ -95,3 +95,23 @@ def test_speedups_smoke(tmp_path):
   for row in rows:
     assert row['median_ms'] > 0 and row['speedup'] > 0, row
     assert row.get('mfu', 0) > 0 or row.get('steps_per_sec', 0) > 0, row
+
+
+def test_scan_layers_smoke(tmp_path):
+  """benchmarks/scan_layers.py at toy sizes: an unrolled and a scanned row per program, with
+  positive compile and step times and the ratios taken against the unrolled row."""
+  from benchmarks import scan_layers
+
+  out = tmp_path / 'scan.json'
+  scan_layers.main(['--scale=tiny', '--depths=2', '--rounds=1', '--out', str(out)])
+  rows = json.loads(out.read_text())['rows']
+  assert [(r['program'], r['variant']) for r in rows] == [
+    ('fine-tune', 'unrolled'),
+    ('fine-tune', 'scan'),
+    ('forward', 'unrolled'),
+    ('forward', 'scan'),
+  ]
+  for row in rows:
+    assert row['compile_s'] > 0 and row['median_ms'] > 0 and row['hlo_chars'] > 0, row
+    assert row['peak_bytes'] > 0, row
+  assert rows[0]['compile_speedup'] == rows[0]['step_time_ratio'] == 1.0

@@ -12,32 +12,11 @@ from kdjax import losses
 from kdjax.kd import objective
 from kdjax.models import registry
 from kdjax.models.bert import BertClassifier
-
-TINY = dict(
-  vocab_size=50,
-  hidden_size=32,
-  num_layers=2,
-  num_heads=4,
-  intermediate_size=64,
-  max_len=16,
-  num_classes=3,
-)
+from tests import tiny_bert
 
 
 def _model(impl, **overrides):
-  return BertClassifier(**{**TINY, 'attention_impl': impl, **overrides})
-
-
-def _batch():
-  lengths = np.array([16, 9, 4, 12])  # padding in every row but the first
-  mask = (np.arange(16)[None, :] < lengths[:, None]).astype(np.int32)
-  ids = np.where(mask > 0, np.random.RandomState(0).randint(1, 50, size=(4, 16)), 0)
-  return {
-    'input_ids': jnp.asarray(ids, jnp.int32),
-    'attention_mask': jnp.asarray(mask),
-    'labels': jnp.asarray([0, 1, 2, 1]),
-    'weights': jnp.ones(4, jnp.float32),
-  }
+  return BertClassifier(**{**tiny_bert.TINY, 'attention_impl': impl, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -46,20 +25,20 @@ def params():
 
 
 def test_fused_matches_explicit_outputs(params):
-  batch = _batch()
+  batch = tiny_bert.padded_batch()
   run = lambda impl: _model(impl).apply(
     {'params': params}, batch['input_ids'], batch['attention_mask']
   )
   (e_logits, e_out), (f_logits, f_out) = run('explicit'), run('fused')
   np.testing.assert_allclose(f_logits, e_logits, atol=1e-5, rtol=1e-5)
-  for i in range(TINY['num_layers'] + 1):
+  for i in range(tiny_bert.TINY['num_layers'] + 1):
     np.testing.assert_allclose(f_out[f'hidden_{i}'], e_out[f'hidden_{i}'], atol=1e-5, rtol=1e-5)
   assert 'attn_1' in e_out and not any(k.startswith('attn_') for k in f_out)
-  assert set(e_out) - set(f_out) == {f'attn_{i + 1}' for i in range(TINY['num_layers'])}
+  assert set(e_out) - set(f_out) == {f'attn_{i + 1}' for i in range(tiny_bert.TINY['num_layers'])}
 
 
 def test_fused_matches_explicit_gradients(params):
-  batch = _batch()
+  batch = tiny_bert.padded_batch()
 
   def grads(impl):
     # Dropout in the rest of the model, none in attention (fused has none), same key.
@@ -87,13 +66,13 @@ def test_fused_matches_explicit_gradients(params):
 
 
 def test_unknown_attention_impl_is_one_clear_error(params):
-  batch = _batch()
+  batch = tiny_bert.padded_batch()
   with pytest.raises(ValueError, match=r"attention_impl='flash' is unknown; valid: \('explicit'"):
     _model('flash').apply({'params': params}, batch['input_ids'], batch['attention_mask'])
 
 
 def test_fused_refuses_attention_dropout_in_training_only(params):
-  batch = _batch()
+  batch = tiny_bert.padded_batch()
   model = _model('fused', attention_dropout_rate=0.1)
   # Inference (a frozen teacher) has no dropout to apply: fine.
   model.apply({'params': params}, batch['input_ids'], batch['attention_mask'])
@@ -130,7 +109,7 @@ def test_objective_built_for_explicit_refuses_fused_outputs_clearly(params):
   # Built from the explicit model's shapes, then run on a fused one: not a bare KeyError.
   explicit = registry.output_shapes(_model('explicit'))
   obj = objective.build(_loss_cfg(attention_kl=1.0), 10, explicit, explicit)
-  batch = _batch()
+  batch = tiny_bert.padded_batch()
   run = lambda impl: _model(impl).apply(
     {'params': params}, batch['input_ids'], batch['attention_mask']
   )
@@ -142,7 +121,7 @@ def test_fused_model_trains_logit_and_hidden_objectives(params):
   # Terms that do not read attention maps keep working with a fused student and teacher.
   shapes = registry.output_shapes(_model('fused'))
   obj = objective.build(_loss_cfg(ce=1.0, kl=1.0, hidden_mse=1.0), 10, shapes, shapes)
-  batch = _batch()
+  batch = tiny_bert.padded_batch()
   out = _model('fused').apply({'params': params}, batch['input_ids'], batch['attention_mask'])
   loss, _ = obj(jnp.asarray(0), out, out, batch, {})
   assert np.isfinite(float(loss))
