@@ -80,3 +80,14 @@ def write_json(path: str, payload: dict) -> None:
   out = pathlib.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(payload, indent=2))
+
+
+def finish(result: dict, rows: list, print_table, path: str) -> dict:
+  """The end every benchmark shares: its rows and the load average at the end (other work on
+  the machine skews timings, so the JSON keeps the load at both ends) into `result`, the
+  table printed by `print_table(result)`, and the JSON written to `path`."""
+  result['rows'] = rows
+  result['loadavg_end'] = os.getloadavg()
+  print_table(result)
+  write_json(path, result)
+  return result

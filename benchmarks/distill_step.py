@@ -473,12 +473,8 @@ def main(argv=None) -> dict:
     print(f'done {name}', flush=True)
     del variants
 
-  result['rows'] = rows
   # Other work on the machine skews the sides unequally (see the module docstring).
-  result['loadavg_end'] = os.getloadavg()
-  _print_table(result)
-  common.write_json(args.out, result)
-  return result
+  return common.finish(result, rows, _print_table, args.out)
 
 
 def _print_table(result):

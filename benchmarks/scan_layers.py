@@ -108,13 +108,13 @@ def rows_for(kind: str, depth: int, args) -> list[dict]:
   return rows
 
 
-def print_table(rows):
+def print_table(result):
   header = (
     f'{"program":10} {"layers":>6} {"variant":9} {"lower s":>8} {"compile s":>9} '
     f'{"× faster":>8} {"HLO kchars":>10} {"peak MB":>8} {"ms/step":>8} {"p90":>8} {"× time":>7}'
   )
   print(header)
-  for r in rows:
+  for r in result['rows']:
     print(
       f'{r["program"]:10} {r["layers"]:>6} {r["variant"]:9} {r["lower_s"]:>8.2f} '
       f'{r["compile_s"]:>9.2f} {r["compile_speedup"]:>8.2f} {r["hlo_chars"] / 1e3:>10.0f} '
@@ -133,13 +133,12 @@ def main(argv=None):
   parser.add_argument('--out', default='runs/bench_scan_layers.json')
   args = parser.parse_args(argv)
   depths = [int(d) for d in args.depths.split(',')]
-  env = common.environment()
+  result = {'args': vars(args), 'environment': common.environment(), 'batch': BATCH}
   rows = []
   for kind in args.programs.split(','):
     for depth in depths:
       rows += rows_for(kind, depth, args)
-  print_table(rows)
-  common.write_json(args.out, {'environment': env, 'batch': BATCH, 'rows': rows, **vars(args)})
+  return common.finish(result, rows, print_table, args.out)
 
 
 if __name__ == '__main__':

@@ -295,11 +295,7 @@ def main(argv=None) -> dict:
     rows += checkpoint_rows(args)
   if 'bf16' in args.groups:
     rows += bf16_rows(args, peak)
-  result['rows'] = rows
-  result['loadavg_end'] = os.getloadavg()
-  _print_table(result)
-  common.write_json(args.out, result)
-  return result
+  return common.finish(result, rows, _print_table, args.out)
 
 
 def _print_table(result):

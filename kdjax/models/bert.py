@@ -213,10 +213,11 @@ class _BertBase(nn.Module):
   attention_impl: str = 'explicit'
   # True: apply the layers as one jax.lax.scan over their parameters stacked on a leading axis,
   # so XLA compiles one layer body rather than num_layers copies (a 24-layer training step
-  # compiles 1.9x faster, each step runs ~17 % slower on CPU: benchmarks/scan_layers.py). The parameter tree
-  # keeps its per-layer `layer_{i}` layout, so checkpoints, loaders, pruning and exports do not
-  # change: the stack is built inside the step (a copy of the layer weights, and its transpose
-  # for the gradient). Needs identically shaped layers, so per-layer low-rank ranks must agree.
+  # compiles 1.9x faster, each step runs ~17 % slower on CPU: benchmarks/scan_layers.py).
+  # The parameter tree keeps its per-layer `layer_{i}` layout, so checkpoints, loaders, pruning
+  # and exports do not change: the stack is built inside the step (a copy of the layer weights,
+  # and its transpose for the gradient). Needs identically shaped layers, so per-layer
+  # low-rank ranks must agree.
   scan_layers: bool = False
 
   @nn.nowrap
