@@ -24,6 +24,7 @@ def configure_wordpiece(config) -> None:
 def minilm_teacher(init_from: str = 'minilm'):
   teacher = models.minilm_l6()
   teacher.init_from = init_from
+  teacher.kwargs.pooling = 'cls'  # or 'mean': see kdjax/models/bert.py BertClassifier
   return teacher
 
 

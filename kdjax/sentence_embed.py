@@ -17,17 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.data import pipeline
-from kdjax.models.bert import BertEncoder
+from kdjax.models.bert import BertEncoder, mean_pool  # noqa: F401 (part of this API)
 
 Array = Any
 _EPS = 1e-12
-
-
-def mean_pool(hidden: Array, attention_mask: Array) -> Array:
-  """[B, L, D] hidden states, [B, L] 0/1 mask -> [B, D] mean over the unmasked positions."""
-  mask = attention_mask.astype(hidden.dtype)[:, :, None]
-  # max(., 1): a row with no tokens pools to 0 instead of NaN (batches never hold one).
-  return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
 
 
 def l2_normalize(x: Array) -> Array:

@@ -149,6 +149,31 @@ def test_jit_matches_eager(built):
   assert set(out) == set(eager_out)
 
 
+def test_bert_mean_pooling_reads_the_average_of_real_tokens(built):
+  """pooling='mean' feeds the pooler the masked mean of the last hidden states (NumPy here),
+  with the same parameters as [CLS] pooling, and padding cannot move it."""
+  _, params = built['bert']
+  model = build_model('bert', VOCAB, CLASSES, **TINY['bert'], pooling='mean')
+  lengths = [3, 8, 5]
+  ids, mask = make_batch(lengths, 8)
+  logits, out = apply(model, params, ids, mask)
+  last = np.asarray(out[f'hidden_{TINY["bert"]["num_layers"]}'])
+  means = np.stack([last[row, :n].mean(axis=0) for row, n in enumerate(lengths)])
+  pooler = params['pooler']
+  expected = np.tanh(means @ np.asarray(pooler['kernel']) + np.asarray(pooler['bias']))
+  np.testing.assert_allclose(out['pooled'], expected, atol=1e-5)
+  classifier = params['classifier']
+  np.testing.assert_allclose(
+    logits, expected @ np.asarray(classifier['kernel']) + np.asarray(classifier['bias']), atol=1e-5
+  )
+  padded = apply(model, params, jnp.pad(ids, ((0, 0), (0, 4))), jnp.pad(mask, ((0, 0), (0, 4))))
+  np.testing.assert_allclose(padded[0], logits, atol=1e-5)
+  cls_model, _ = built['bert']
+  assert not np.allclose(apply(cls_model, params, ids, mask)[0], logits)
+  with pytest.raises(ValueError, match=r"pooling='max' is unknown; valid: \('cls', 'mean'\)"):
+    init_params(build_model('bert', VOCAB, CLASSES, **TINY['bert'], pooling='max'), key(0))
+
+
 def test_registry_errors():
   with pytest.raises(ValueError, match=r"unknown model 'gpt'.*'bert'.*'bilstm'.*'cnn'"):
     build_model('gpt', VOCAB, CLASSES)

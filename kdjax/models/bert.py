@@ -321,10 +321,25 @@ class BertEncoder(_BertBase):
     return self._encode(input_ids, attention_mask, token_type_ids, deterministic)
 
 
+POOLINGS = ('cls', 'mean')
+
+
+def mean_pool(hidden: Array, attention_mask: Array) -> Array:
+  """[B, L, D] hidden states, [B, L] 0/1 mask -> [B, D] mean over the unmasked positions."""
+  mask = attention_mask.astype(hidden.dtype)[:, :, None]
+  # max(., 1): a row with no tokens pools to 0 instead of NaN (batches never hold one).
+  return (hidden * mask).sum(axis=1) / jnp.maximum(mask.sum(axis=1), 1.0)
+
+
 class BertClassifier(_BertBase):
-  """BERT + tanh pooler on [CLS] + linear classifier: returns (logits [B, C], out)."""
+  """BERT + tanh pooler + linear classifier: returns (logits [B, C], out).
+
+  `pooling` picks what the pooler reads: 'cls', the [CLS] position (BERT's recipe), or
+  'mean', the average over real tokens, the representation a sentence-transformers checkpoint
+  such as all-MiniLM-L6-v2 was trained to produce (its [CLS] vector never was)."""
 
   num_classes: int = 2
+  pooling: str = 'cls'
 
   @nn.compact
   def __call__(self, input_ids, attention_mask, token_type_ids=None, deterministic: bool = True):
@@ -332,7 +347,13 @@ class BertClassifier(_BertBase):
     dense = lambda name, width: lowrank.dense(
       width, name, self.low_rank, kernel_init=_init, dtype=self.dtype
     )
-    pooled = jnp.tanh(dense('pooler', self.hidden_size)(x[:, 0]))
+    if self.pooling == 'cls':
+      summary = x[:, 0]
+    elif self.pooling == 'mean':
+      summary = mean_pool(x, attention_mask)
+    else:
+      raise ValueError(f'BERT pooling={self.pooling!r} is unknown; valid: {POOLINGS}')
+    pooled = jnp.tanh(dense('pooler', self.hidden_size)(summary))
     out['pooled'] = pooled
     pooled = nn.Dropout(self.dropout_rate)(pooled, deterministic=deterministic)
     logits = dense('classifier', self.num_classes)(pooled)
