@@ -6,8 +6,11 @@ Stages, each in `workdir/<stage>/` and resumable like the text trainer's (same l
 checkpoints, objective and metrics):
   teacher        the large net, with dropout and ±`jitter` pixel translations
   student_alone  the small net on the hard labels, no regularisation
-  distill        the small net on the same training images, learning the teacher's soft
-                 targets at config.loss.temperature (plus the hard labels, weighted)
+  distill        the small net on the transfer set, learning the teacher's soft targets at
+                 config.loss.temperature (plus the hard labels, weighted). The transfer set
+                 is the training images, jittered by up to transfer.jitter pixels; with
+                 jitter the teacher scores every batch live (its targets must describe the
+                 image the student sees), without it the teacher scores the set once
   distill_omit   as distill, but the transfer set lacks every image of omit.classes; the
                  omitted classes' output biases are then raised by a searched amount, as in
                  the paper's "no 3s" experiment
@@ -88,6 +91,12 @@ def validate(config) -> None:
     f'loss.weights.{feature[0] if feature else ""}',
     1,
     'image stages support the logit terms only: ' + ', '.join(kd_objective.LOGIT_TERMS),
+  )
+  req(
+    0 <= config.transfer.jitter <= 8,
+    'transfer.jitter',
+    config.transfer.jitter,
+    'pixels in [0, 8] (0 = the un-jittered training images)',
   )
   classes = tuple(config.omit.classes)
   req(
@@ -177,7 +186,10 @@ def bias_correction(logits: np.ndarray, labels: np.ndarray, classes, bias_max, b
   return {float(b): int((np.argmax(logits + b * onehot, axis=-1) != labels).sum()) for b in grid}
 
 
-def _loss_fn(model, objective):
+def _loss_fn(model, objective, teacher_logits_fn=None):
+  """The stage's loss. Distill stages read the teacher's logits from the batch, or, with
+  `teacher_logits_fn`, score each (jittered) batch with the frozen teacher as it comes."""
+
   def apply(params, batch, rng):
     return model.apply(
       {'params': params}, batch['image'], deterministic=False, rngs={'dropout': rng}
@@ -193,8 +205,11 @@ def _loss_fn(model, objective):
     return supervised
 
   def distill(params, teacher_params, batch, rng, step):
-    del teacher_params  # the teacher's logits come with the batch, computed once
-    teacher = (jax.lax.stop_gradient(batch['teacher_logits']), {})
+    if teacher_logits_fn is None:
+      teacher_logits = batch['teacher_logits']  # computed once over the un-jittered set
+    else:
+      teacher_logits = teacher_logits_fn(teacher_params, batch)
+    teacher = (jax.lax.stop_gradient(teacher_logits), {})
     return objective(step, apply(params, batch, rng), teacher, batch)
 
   return distill
@@ -217,7 +232,12 @@ def run_stage(name, config, data, workdir: pathlib.Path, writer) -> dict:
   eval_bs = config.train.eval_batch_size
 
   objective, row_data, teacher_test_logits = None, None, None
-  if name.startswith('distill'):
+  distill = name.startswith('distill')
+  jitter = config.transfer.jitter if distill else train_cfg.jitter
+  # A jittered transfer set is new every step, so the teacher scores each batch live.
+  live_teacher = distill and jitter > 0
+  teacher_params, teacher_fn = None, None
+  if distill:
     teacher_dir = workdir / 'teacher' / 'export' / 'teacher'
     teacher = build_model(config, 'teacher')
     abstract = jax.eval_shape(lambda: init_params(teacher, key))
@@ -226,20 +246,19 @@ def run_stage(name, config, data, workdir: pathlib.Path, writer) -> dict:
     if name == 'distill_omit':
       keep = ~np.isin(labels, list(config.omit.classes))
       images, labels = images[keep], labels[keep]
-    # The transfer set is the un-jittered training images; the teacher sees them once.
-    row_data = {'teacher_logits': predict(teacher_fn, teacher_params, images, labels, eval_bs)}
+    if not live_teacher:
+      # The un-jittered transfer set is fixed, so the teacher scores it once.
+      row_data = {'teacher_logits': predict(teacher_fn, teacher_params, images, labels, eval_bs)}
     teacher_test_logits = predict(teacher_fn, teacher_params, test_images, test_labels, eval_bs)
   steps = int(train_cfg.epochs * len(images)) // train_cfg.batch_size
-  if row_data is not None:
+  if distill:
     objective = kd_objective.logits_only(config.loss, steps)
   print(f'[{name}] {len(images)} training images, {steps} steps', flush=True)
 
   tx = optim.make_optimizer(train_cfg.optim, steps)
   if train_cfg.max_norm:
     tx = optax.chain(tx, max_norm(train_cfg.max_norm))
-  batches = mnist.ImageBatches(
-    images, labels, train_cfg.batch_size, config.seed, train_cfg.jitter, row_data
-  )
+  batches = mnist.ImageBatches(images, labels, train_cfg.batch_size, config.seed, jitter, row_data)
 
   def periodic_eval(p):
     logits = predict(logits_fn, p, test_images, test_labels, eval_bs)
@@ -247,12 +266,13 @@ def run_stage(name, config, data, workdir: pathlib.Path, writer) -> dict:
 
   spec = loop.StageSpec(
     name=name,
-    loss_fn=_loss_fn(model, objective),
+    loss_fn=_loss_fn(model, objective, teacher_fn if live_teacher else None),
     tx=tx,
     schedule=optim.learning_rate_schedule(train_cfg.optim, steps),
     params=params,
     rng=jax.random.fold_in(key, STAGE_SEEDS[name]),
     steps=steps,
+    teacher_params=teacher_params if live_teacher else None,
     evaluate=periodic_eval,
   )
   trained, info = loop.train_stage(spec, batches, stage_dir, config.train, writer)
@@ -261,6 +281,7 @@ def run_stage(name, config, data, workdir: pathlib.Path, writer) -> dict:
     'model': _spec(config, role),
     'steps': steps,
     'train_images': len(images),
+    'train_jitter': jitter,
     'train_examples_per_sec': info['train_examples_per_sec'],
     'params': registry.count_params(trained),
     **error_counts(logits, test_labels),

@@ -222,6 +222,34 @@ def test_hinton_distilled_student_learns_from_the_exported_teacher(hinton_run):
   assert distill[-1]['kl_T'] < distill[0]['kl_T']
 
 
+def test_live_teacher_loss_equals_the_loss_on_precomputed_teacher_logits():
+  """A jittered transfer set has the teacher score each batch inside the step; that must be
+  the same objective as reading the teacher's logits for those images from the batch."""
+  config = _tiny_config('')
+  student = image_train.build_model(config, 'student')
+  teacher = image_train.build_model(config, 'teacher')
+  params = image_train.init_params(student, jax.random.PRNGKey(0))
+  teacher_params = image_train.init_params(teacher, jax.random.PRNGKey(1))
+  teacher_fn = image_train.make_logits_fn(teacher)
+  images, labels = mnist.load_split('test')
+  batch = next(mnist.ImageBatches(images[:64], labels[:64], 16, seed=0, max_shift=2))
+  objective = image_train.kd_objective.logits_only(config.loss, 10)
+  live = image_train._loss_fn(student, objective, teacher_fn)
+  cached = image_train._loss_fn(student, objective)
+  rng = jax.random.PRNGKey(2)
+  loss_live, aux_live = live(params, teacher_params, batch, rng, 3)
+  with_logits = {**batch, 'teacher_logits': teacher_fn(teacher_params, batch)}
+  loss_cached, aux_cached = cached(params, None, with_logits, rng, 3)
+  np.testing.assert_allclose(loss_live, loss_cached, rtol=1e-6)
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), aux_live, aux_cached
+  )
+  # The soft targets describe the jittered images: the same rows un-jittered score otherwise.
+  still = next(mnist.ImageBatches(images[:64], labels[:64], 16, seed=0, max_shift=0))
+  np.testing.assert_array_equal(still['labels'], batch['labels'])
+  assert not np.allclose(teacher_fn(teacher_params, still), with_logits['teacher_logits'])
+
+
 def test_hinton_run_resumes_after_a_kill(hinton_run, tmp_path):
   """A stage killed after its step-10 checkpoint ends with the same weights as the
   uninterrupted run."""
@@ -254,6 +282,7 @@ def test_hinton_run_resumes_after_a_kill(hinton_run, tmp_path):
     ('stages', ('distill',), "put 'teacher' first"),
     ('omit.classes', (11,), 'digits 0..9'),
     ('teacher_train.jitter', 12, r'pixels in \[0, 8\]'),
+    ('transfer.jitter', -1, r'pixels in \[0, 8\]'),
     ('student.input_dropout', 1.0, r'probability in \[0, 1\)'),
     ('loss.weights.hidden_mse', 1.0, 'logit terms only'),
   ],
