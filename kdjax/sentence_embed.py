@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.data import pipeline
-from kdjax.models.bert import BertEncoder, mean_pool  # noqa: F401 (part of this API)
+from kdjax.models.bert import BertEncoder, mean_pool
 
 Array = Any
 _EPS = 1e-12
