@@ -10,3 +10,12 @@ def parse_args(arg: str, valid: dict, source: str) -> dict:
     accepted = ', '.join(f'{name}{"=" + v if v else ""}' for name, v in valid.items())
     raise ValueError(f'{source}: unknown argument(s) {unknown}; valid: {accepted}')
   return args
+
+
+def choice(args: dict, name: str, choices: tuple, source: str) -> str:
+  """args[name] if it is one of `choices` (the first is the default), else a one-line error
+  naming the file, the argument and the valid values."""
+  value = args.get(name, choices[0])
+  if value not in choices:
+    raise ValueError(f'{source}: {name}={value!r}; valid: {choices}')
+  return value

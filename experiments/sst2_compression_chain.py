@@ -20,7 +20,7 @@ Each run writes report.md with one row per stage: parameters, zeros, bytes on di
 bits/parameter, dev accuracy and CPU latency at batch 1 and 32.
 """
 
-from experiments import parse_args, sst2_minilm_students
+from experiments import choice, parse_args, sst2_minilm_students
 
 METHODS = ('heads', 'lowrank', 'nm', 'sparse', 'qat4', 'int8')
 # The transformer layers' Dense kernels (attention, FFN); embeddings, pooler and classifier
@@ -34,9 +34,7 @@ def get_config(arg: str = ''):
     {'method': '|'.join(METHODS), 'teacher': '<workdir>', 'runlocal': ''},
     'experiments/sst2_compression_chain.py',
   )
-  method = args.get('method', 'heads')
-  if method not in METHODS:
-    raise ValueError(f'experiments/sst2_compression_chain.py: method={method!r}; valid: {METHODS}')
+  method = choice(args, 'method', METHODS, 'experiments/sst2_compression_chain.py')
   student_args = [
     'student=bert',
     'augment=0',

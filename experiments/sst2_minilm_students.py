@@ -18,7 +18,7 @@ into the teacher-output cache and shared by every seed.
 """
 
 from configs import default, models
-from experiments import parse_args, sst2_minilm_teacher
+from experiments import choice, parse_args, sst2_minilm_teacher
 
 STUDENTS = ('bilstm', 'cnn', 'bert')
 
@@ -44,9 +44,7 @@ def get_config(arg: str = ''):
     {'teacher': '<workdir>', 'student': 'bilstm|cnn|bert', 'augment': '<copies>', 'runlocal': ''},
     'experiments/sst2_minilm_students.py',
   )
-  student = args.get('student', 'bilstm')
-  if student not in STUDENTS:
-    raise ValueError(f'experiments/sst2_minilm_students.py: student={student!r}; valid: {STUDENTS}')
+  student = choice(args, 'student', STUDENTS, 'experiments/sst2_minilm_students.py')
   config = default.get_config()
   config.name = f'sst2_minilm_{student}'
   sst2_minilm_teacher.configure_wordpiece(config)

@@ -7,12 +7,20 @@ One epoch of SST-2 (2,100 steps of 32) at learning rate 1e-4. A second epoch con
 the first run's export at 3e-5, in its own workdir, with another data order:
   python -m kdjax.main --config=experiments/sst2_minilm_teacher.py:continue_from=runs/minilm_teacher \
       --workdir=runs/minilm_teacher2
+The standard recipe (Devlin et al. 2019: three epochs at 5e-5, warm-up over the first 10 %)
+with mean pooling, the teacher that reaches 90.14 (6,300 steps: 74 min on a shared CPU):
+  python -m kdjax.main --config=experiments/sst2_minilm_teacher.py:recipe=standard \
+      --workdir=runs/minilm_teacher_standard
 See experiments/README.md for accuracy and wall time of each.
-Arguments: `continue_from=<workdir>`, `runlocal` (a few steps on 2,000 examples, a smoke test).
+Arguments: `recipe=quick|standard` (default quick: the one epoch above),
+`continue_from=<workdir>`, `runlocal` (a few steps on 2,000 examples, a smoke test).
 """
 
 from configs import default, models
-from experiments import parse_args
+from experiments import choice, parse_args
+
+EPOCH_STEPS = 2100  # one epoch of the 67,349 training sentences at batch 32
+RECIPES = ('quick', 'standard')
 
 
 def configure_wordpiece(config) -> None:
@@ -30,8 +38,11 @@ def minilm_teacher(init_from: str = 'minilm'):
 
 def get_config(arg: str = ''):
   args = parse_args(
-    arg, {'continue_from': '<workdir>', 'runlocal': ''}, 'experiments/sst2_minilm_teacher.py'
+    arg,
+    {'recipe': '|'.join(RECIPES), 'continue_from': '<workdir>', 'runlocal': ''},
+    'experiments/sst2_minilm_teacher.py',
   )
+  recipe = choice(args, 'recipe', RECIPES, 'experiments/sst2_minilm_teacher.py')
   config = default.get_config()
   config.name = 'sst2_minilm_teacher'
   config.stages = ('teacher',)
@@ -40,9 +51,18 @@ def get_config(arg: str = ''):
   config.teacher_optim.learning_rate = 1e-4
   config.teacher_optim.warmup_steps = 200
   config.train.batch_size = 32
-  config.train.teacher_steps = 2100  # one epoch of the 67,349 training sentences
+  config.train.teacher_steps = EPOCH_STEPS
   config.train.eval_every = 500
   config.train.eval_batch_size = 128
+  if recipe == 'standard':
+    # all-MiniLM-L6-v2 was trained to embed a sentence as the mean of its token states, so
+    # the classifier reads that mean, not the [CLS] vector (0.57 points better after epoch 1).
+    config.teacher.kwargs.pooling = 'mean'
+    config.teacher_optim.learning_rate = 5e-5
+    config.train.teacher_steps = 3 * EPOCH_STEPS
+    config.teacher_optim.warmup_steps = config.train.teacher_steps // 10
+    config.train.eval_every = 700
+    config.train.keep_checkpoints = 3
   if args.get('continue_from'):
     config.teacher.init_from = args['continue_from']
     config.teacher_optim.learning_rate = 3e-5

@@ -19,7 +19,7 @@ ARGS = {
   'sst2_seeds': ['teacher='],
   'sst2_quickstart': ['', 'runlocal', 'student=cnn'],
   'sst2_minilm_students': ['student=bilstm', 'student=cnn', 'student=bert', 'runlocal'],
-  'sst2_minilm_teacher': ['', 'runlocal', 'continue_from=runs/minilm_teacher'],
+  'sst2_minilm_teacher': ['', 'runlocal', 'recipe=standard', 'continue_from=runs/minilm_teacher'],
   'hinton_mnist': ['', 'runlocal'],
   'multi30k': ['', 'teacher_only', 'runlocal,on_policy'],
 }
@@ -175,3 +175,19 @@ def test_model_rates_and_numbers_must_be_finite_and_in_range(value):
   config.student.kwargs.dropout_rate = value
   with pytest.raises(config_lib.ConfigError, match=r'^config\.student\.kwargs\.dropout_rate='):
     config_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+  'name, arg, fragment',
+  [
+    ('sst2_minilm_teacher', 'recipe=long', "recipe='long'; valid: ('quick', 'standard')"),
+    ('sst2_minilm_students', 'student=gru', "student='gru'; valid: ('bilstm', 'cnn', 'bert')"),
+    ('sst2_minilm_teacher', 'epochs=3', "unknown argument(s) ['epochs']"),
+    ('sst2_compression_chain', 'method=fp8', "method='fp8'; valid: ('heads', 'lowrank'"),
+  ],
+)
+def test_bad_experiment_arguments_are_named(name, arg, fragment):
+  module = importlib.import_module(f'experiments.{name}')
+  with pytest.raises(ValueError) as error:
+    module.get_config(arg)
+  assert f'experiments/{name}.py' in str(error.value) and fragment in str(error.value)
