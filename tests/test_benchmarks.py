@@ -80,6 +80,8 @@ def test_missing_torch_is_one_clear_error(monkeypatch, tmp_path):
     distill_step.main(['--scale=tiny', '--torch', '--out', str(tmp_path / 'x.json')])
 
 
+# slow: compiles every before/after pair; a benchmark, not library behaviour.
+@pytest.mark.slow
 def test_speedups_smoke(tmp_path):
   """benchmarks/speedups.py at toy sizes: before/after rows with positive figures."""
   from benchmarks import speedups

@@ -153,6 +153,7 @@ def lowrank_qat_chain(cnn_chain, tmp_path_factory):
   return workdir, train.run(config, workdir)
 
 
+@pytest.mark.slow  # a second chain; low-rank and QAT are unit-tested in their own files
 def test_lowrank_compress_factorises_every_selected_layer(lowrank_qat_chain):
   workdir, results = lowrank_qat_chain
   spec = checkpoint.read_export_spec(workdir / 'compress' / 'export' / 'student')
@@ -164,6 +165,7 @@ def test_lowrank_compress_factorises_every_selected_layer(lowrank_qat_chain):
   assert rows['student_alone']['params'] - rows['compress']['params'] == saved
 
 
+@pytest.mark.slow  # a second chain; low-rank and QAT are unit-tested in their own files
 def test_qat_recovery_matches_the_int4_artifact(lowrank_qat_chain):
   workdir, results = lowrank_qat_chain
   recover, quant = results['stages']['recover'], results['stages']['quantize']

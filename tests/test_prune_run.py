@@ -72,6 +72,8 @@ def test_bad_prune_values_are_named(tfds_dir, overrides, fragment):
     config_lib.validate(_config(tfds_dir, **overrides))
 
 
+# slow: a whole run; the 2:4 masks themselves are unit-tested in test_compress_pruning.py.
+@pytest.mark.slow
 def test_nm_pruning_run_exports_a_2_4_pattern(tfds_dir, tmp_path):
   # Conv kernels [width 3, in, out] have no input axis of groups of 4: left dense.
   config = _config(tfds_dir, method='nm', exclude=('classifier', 'conv_'))

@@ -159,6 +159,8 @@ def _run_config(tfds_dir, scan: bool):
   return config
 
 
+# slow: two whole runs; the scanned model's equality is checked layer by layer above.
+@pytest.mark.slow
 def test_run_with_scan_layers_trains_the_same_models(tfds_dir, tmp_path, monkeypatch):
   """config.train.scan_layers reaches the trained teacher, the frozen teacher read back from
   its export and the student: the same losses and exports as the unrolled run, and the
