@@ -41,7 +41,7 @@ def small_bert():
 def get_config(arg: str = ''):
   args = parse_args(
     arg,
-    {'teacher': '<workdir>', 'student': 'bilstm|cnn|bert', 'augment': '<copies>', 'runlocal': ''},
+    {'teacher': '<workdir>', 'student': '|'.join(STUDENTS), 'augment': '<copies>', 'runlocal': ''},
     'experiments/sst2_minilm_students.py',
   )
   student = choice(args, 'student', STUDENTS, 'experiments/sst2_minilm_students.py')
