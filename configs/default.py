@@ -218,6 +218,10 @@ def get_config() -> ml_collections.ConfigDict:
   # checkpoint kept) or 'skip' (the step changes nothing; counted; at most max_skipped_steps).
   c.train.nonfinite = 'stop'
   c.train.max_skipped_steps = 10
+  # > 0: every trained stage also keeps an exponential moving average of its weights with
+  # this decay (kdjax.optim.with_param_ema), and evaluates, exports and reports that average
+  # instead of the last step's weights. 0 = off; e.g. 0.999 averages over ~1,000 steps.
+  c.train.ema_decay = 0.0
 
   c.parallel = parallel()
   return c

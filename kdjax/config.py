@@ -275,6 +275,19 @@ def validate(config) -> None:
   )
   _require(t.max_skipped_steps >= 0, 'train.max_skipped_steps', t.max_skipped_steps, 'must be >= 0')
   _require(
+    isinstance(t.ema_decay, (int, float)) and 0 <= t.ema_decay < 1,
+    'train.ema_decay',
+    t.ema_decay,
+    'a decay in [0, 1): 0 = off, e.g. 0.999',
+  )
+  _require(
+    t.ema_decay == 0 or config.prune.method == 'none',
+    'train.ema_decay',
+    t.ema_decay,
+    f'a moving average of gradually pruned weights is not sparse; use 0 with '
+    f'prune.method={config.prune.method!r}',
+  )
+  _require(
     t.checkpoint_every % t.log_every == 0,
     'train.checkpoint_every',
     t.checkpoint_every,

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from kdjax import checkpoint, parallel, report
+from kdjax import checkpoint, optim, parallel, report
 from kdjax import step as step_lib
 
 
@@ -95,9 +95,18 @@ def train_stage(
   this process's rows of each global batch. The returned params are host numpy arrays.
   """
   dp = data_parallel or parallel.DataParallel()
+  # train.ema_decay > 0: the optimizer also keeps a moving average of the weights (in its
+  # state, so checkpoints carry it), and that average is what the evaluations see and the
+  # stage returns; the steps themselves are unchanged.
+  ema_decay = train_cfg.get('ema_decay', 0.0)
+  tx = optim.with_param_ema(spec.tx, ema_decay) if ema_decay else spec.tx
+
+  def weights(state):
+    return state.params if not ema_decay else optim.ema_params(state.opt_state)
+
   # One process speaks for the job (the trainer gives the others a writer that drops records).
   say = print if parallel.is_lead_process() else lambda *args, **kwargs: None
-  state = dp.put_state(step_lib.create_state(spec.params, spec.tx, spec.rng))
+  state = dp.put_state(step_lib.create_state(spec.params, tx, spec.rng))
   ckpt = checkpoint.StageCheckpointer(stage_dir / 'checkpoints', train_cfg.keep_checkpoints)
   # Restored into the placement of `state`: whatever device count wrote the checkpoint.
   restored = ckpt.restore_latest(state)
@@ -109,7 +118,7 @@ def train_stage(
     writer.truncate_after(spec.name, done)
     say(f'[{spec.name}] resumed from step {done} ({ckpt.directory / str(done)})', flush=True)
   policy = train_cfg.get('nonfinite', 'stop')
-  train_step = dp.train_step(spec.loss_fn, spec.tx, skip_nonfinite=policy == 'skip')
+  train_step = dp.train_step(spec.loss_fn, tx, skip_nonfinite=policy == 'skip')
   teacher_params = dp.put_teacher(spec.teacher_params)
 
   def save(step: int) -> None:
@@ -190,7 +199,7 @@ def train_stage(
         and step % train_cfg.eval_every == 0
         and step != spec.steps
       ):
-        values = spec.evaluate(parallel.to_host(state.params))
+        values = spec.evaluate(parallel.to_host(weights(state)))
         writer.write(
           {'stage': spec.name, 'step': step, **{f'eval_{k}': v for k, v in values.items()}}
         )
@@ -216,4 +225,4 @@ def train_stage(
       steady_examples / steady_seconds if steady_seconds else float('nan')
     ),
   }
-  return parallel.to_host(state.params), info
+  return parallel.to_host(weights(state)), info

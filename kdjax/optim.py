@@ -1,6 +1,6 @@
 """optax optimizers and learning-rate schedules built from a config's optimizer block."""
 
-from typing import Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,49 @@ def make_optimizer(cfg: Mapping, total_steps: int) -> optax.GradientTransformati
   if cfg['grad_clip_norm'] > 0:
     tx = optax.chain(optax.clip_by_global_norm(cfg['grad_clip_norm']), tx)
   return tx
+
+
+class ParamEmaState(NamedTuple):
+  inner: optax.OptState
+  ema: Any  # the moving average of the params, same tree and dtypes
+  count: jax.Array  # updates averaged so far
+
+
+def with_param_ema(tx: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
+  """`tx`, plus an exponential moving average of the params it produces (Polyak averaging).
+
+  After each update, ema <- d·ema + (1 - d)·params_new with d = min(decay, (1 + n) / (10 + n))
+  at the n-th update (the warm-up of TensorFlow's ExponentialMovingAverage), so the first
+  updates are not averaged with the initial weights for thousands of steps. The average is
+  part of the optimizer state, so checkpoints, resume, device placement and the non-finite
+  'skip' policy treat it like the rest of the state. The updates `tx` returns are unchanged.
+  """
+
+  def init_fn(params):
+    # A copy, not the params' own buffers: the step donates the whole state.
+    ema = jax.tree.map(lambda p: jnp.array(p, copy=True), params)
+    return ParamEmaState(tx.init(params), ema, jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('with_param_ema needs the params in update(updates, state, params)')
+    updates, inner = tx.update(updates, state.inner, params)
+    new_params = optax.apply_updates(params, updates)
+    count = state.count + 1
+    d = jnp.minimum(decay, (1.0 + count) / (10.0 + count)).astype(jnp.float32)
+    ema = jax.tree.map(
+      lambda e, p: (d * e.astype(jnp.float32) + (1 - d) * p.astype(jnp.float32)).astype(e.dtype),
+      state.ema,
+      new_params,
+    )
+    return updates, ParamEmaState(inner, ema, count)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def ema_params(opt_state) -> Any | None:
+  """The moving average kept by `with_param_ema` (the outermost transform), else None."""
+  return opt_state.ema if isinstance(opt_state, ParamEmaState) else None
 
 
 def make_joint_optimizer(optims: Mapping[str, optax.GradientTransformation]):

@@ -70,6 +70,8 @@ def test_default_schema_validates():
     ('data.buckets', (16, 8, 64), 'config.data.buckets=(16, 8, 64) is invalid'),
     ('data.eval_split', 'test', 'test has no labels'),
     ('train.checkpoint_every', 7, 'must be a multiple of train.log_every=50'),
+    ('train.ema_decay', 1.0, 'config.train.ema_decay=1.0 is invalid: a decay in [0, 1)'),
+    ('train.ema_decay', -0.5, 'a decay in [0, 1): 0 = off'),
     ('stages', ('distill',), "'distill' needs a teacher"),
     ('stages', ('teacher', 'teacher'), 'each stage at most once'),
     ('teacher_optim.schedule', 'exp', 'one of constant, linear, cosine'),

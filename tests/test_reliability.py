@@ -7,23 +7,13 @@ import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import pytest
 
 from kdjax import checkpoint, loop, losses, report
 from kdjax import step as step_lib
-from kdjax.data.pipeline import BatchIterator
 from kdjax.models import registry
-
-VOCAB = 40
-
-
-def _batches():
-  rng = np.random.default_rng(0)
-  ids = [rng.integers(4, VOCAB, rng.integers(3, 12)).astype(np.int32) for _ in range(64)]
-  labels = rng.integers(0, 2, 64).astype(np.int32)
-  return BatchIterator(ids, labels, 8, (16,), seed=0, shuffle=True, drop_remainder=True)
+from tests import tiny_stage
 
 
 def _train_cfg(**overrides):
@@ -35,16 +25,7 @@ def _train_cfg(**overrides):
 
 @pytest.fixture(scope='module')
 def model():
-  return registry.build_model(
-    'cnn',
-    vocab_size=VOCAB,
-    num_classes=2,
-    embed_dim=16,
-    num_filters=8,
-    kernel_sizes=(3,),
-    mlp_dim=16,
-    dropout_rate=0.0,
-  )
+  return tiny_stage.cnn()
 
 
 def _loss_fn(model, nan_steps=()):
@@ -78,7 +59,7 @@ def _spec(model, steps, nan_steps=()):
 def _run(model, tmp_path, steps, nan_steps=(), **cfg):
   writer = report.MetricsWriter(tmp_path / 'metrics.jsonl')
   return loop.train_stage(
-    _spec(model, steps, nan_steps), _batches(), tmp_path, _train_cfg(**cfg), writer
+    _spec(model, steps, nan_steps), tiny_stage.batches(), tmp_path, _train_cfg(**cfg), writer
   )
 
 
