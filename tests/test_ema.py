@@ -11,7 +11,8 @@ import pytest
 
 from configs import default
 from kdjax import config as config_lib
-from kdjax import loop, losses, optim, report
+from kdjax import loop, optim, report
+from kdjax import step as step_lib
 from kdjax.models import registry
 from tests import tiny_stage
 
@@ -56,12 +57,6 @@ def model():
 
 
 def _run(model, tmp_path, steps, ema_decay, seen=None):
-  def loss_fn(params, teacher_params, batch, rng, step):
-    logits, _ = model.apply(
-      {'params': params}, batch['input_ids'], batch['attention_mask'], deterministic=True
-    )
-    return losses.supervised_loss(logits, batch['labels'], batch['weights'])
-
   def evaluate(params):  # records what the loop evaluates at each step
     if seen is not None:
       seen.append(params)
@@ -69,7 +64,7 @@ def _run(model, tmp_path, steps, ema_decay, seen=None):
 
   spec = loop.StageSpec(
     name='distill',
-    loss_fn=loss_fn,
+    loss_fn=step_lib.supervised_loss_fn(model),  # the tiny CNN has no dropout
     tx=optax.adam(1e-2),
     schedule=optax.constant_schedule(1e-2),
     params=registry.init_params(model, jax.random.PRNGKey(0)),
