@@ -1,7 +1,8 @@
-"""Before/after figures of four candidate speed-ups, each pair timed alternately in one process.
+"""Before/after figures of candidate speed-ups, each pair timed alternately in one process.
 
   python benchmarks/speedups.py [--steps=1] [--rounds=3] [--seq-lens=32,128]
-      [--groups=threefry,attention,prefetch,checkpoint,bf16] [--loop-steps=20] [--bf16-seq-lens=32]
+      [--groups=threefry,attention,layout,prefetch,checkpoint,bf16] [--loop-steps=20]
+      [--bf16-seq-lens=32]
       [--out=runs/bench_speedups.json]
 
 Groups (batch 32; the models of benchmarks/distill_step.py):
@@ -14,6 +15,10 @@ Groups (batch 32; the models of benchmarks/distill_step.py):
               'fused' has no attention dropout, so the trained model's attention_dropout_rate
               is 0 there; the middle row (explicit, attention dropout 0) separates what the
               fusion buys from what dropping the dropout mask buys.
+  layout      the attention block alone (scores, float32 softmax with a padding bias, context;
+              MiniLM's 12 heads of 32): its einsums over [batch, position, head, dim] tensors
+              as the BERT attention had them before, vs heads moved first ([batch, head,
+              position, dim], kdjax.models.bert now); forward, and forward + backward.
   prefetch    `--loop-steps` distillation steps (L = 32) fed from a host iterator: each batch
               jax.device_put and waited for before its step, vs kdjax.data.prefetch
               .prefetch_to_device(size=2). Both wait for every step's result (as a loop
@@ -48,7 +53,7 @@ from kdjax import checkpoint  # noqa: E402
 from kdjax import step as step_lib  # noqa: E402
 from kdjax.data.prefetch import prefetch_to_device  # noqa: E402
 
-GROUPS = ('threefry', 'attention', 'prefetch', 'checkpoint', 'bf16')
+GROUPS = ('threefry', 'attention', 'layout', 'prefetch', 'checkpoint', 'bf16')
 BATCH = 32
 
 
@@ -148,6 +153,71 @@ def attention_rows(args, peak):
       }
       rows += _step_rows('attention', f'{name} b={BATCH} L={seq_len}', variants, peak, args)
       print(f'done attention {name} L={seq_len}', flush=True)
+  return rows
+
+
+def _attention_block(layout: str):
+  """q, k, v [b, l, h, d] and an additive bias [b, 1, 1, l] -> context [b, l, h, d]."""
+
+  def block(q, k, v, bias):
+    if layout == 'head-major':
+      q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+      scores = jnp.einsum('bhqd,bhkd->bhqk', q, k)
+    else:
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+    probs = jax.nn.softmax(scores / q.shape[-1] ** 0.5 + bias, axis=-1)
+    if layout == 'head-major':
+      return jnp.einsum('bhqk,bhkd->bhqd', probs, v).transpose(0, 2, 1, 3)
+    return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+  return block
+
+
+class Kernel:
+  """A jitted function of fixed arguments, timed call by call like Step.time_steps."""
+
+  def __init__(self, fn, args, flops):
+    self.fn, self.args, self.flops, self.times = jax.jit(fn), args, flops, []
+    jax.block_until_ready(self.fn(*args))  # compile
+
+  def time_steps(self, steps: int):
+    for _ in range(steps):
+      start = time.perf_counter()
+      jax.block_until_ready(self.fn(*self.args))
+      self.times.append(time.perf_counter() - start)
+
+
+def layout_rows(args, peak):
+  heads, head_dim = (4, 8) if args.scale == 'tiny' else (12, 32)
+  rows = []
+  for seq_len in args.seq_lens:
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, grad = (jax.random.normal(key, (BATCH, seq_len, heads, head_dim)) for key in keys)
+    # The last quarter of every row's positions is padding, as in a length-bucketed batch.
+    valid = jnp.arange(seq_len) < seq_len - seq_len // 4
+    bias = jnp.where(valid, 0.0, -1e9)[None, None, None, :].repeat(BATCH, 0)
+    forward_flops = 4 * BATCH * seq_len**2 * heads * head_dim
+    for direction, flops in (('forward', forward_flops), ('forward + backward', 3 * forward_flops)):
+      variants = {}
+      for layout in ('position-major', 'head-major'):
+        block = _attention_block(layout)
+        if direction == 'forward':
+          variants[layout] = Kernel(block, (q, k, v, bias), flops)
+        else:
+          # The cotangent of the context, back to q, k and v.
+          fwd_bwd = lambda q, k, v, b, g, block=block: jax.vjp(
+            lambda q, k, v: block(q, k, v, b), q, k, v
+          )[1](g)
+          variants[layout] = Kernel(fwd_bwd, (q, k, v, bias, grad), flops)
+      outputs = [jax.tree.leaves(v.fn(*v.args)) for v in variants.values()]
+      gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*outputs))
+      if gap > 1e-4:  # timing two blocks that disagree would compare nothing
+        raise SystemExit(f'speedups.py layout: the two layouts differ by {gap:.2e} (> 1e-4)')
+      config = f'attention block {direction}, b={BATCH} L={seq_len} h={heads}'
+      # A block takes milliseconds, not a step's seconds: ten calls per round.
+      many = argparse.Namespace(**{**vars(args), 'steps': 10 * args.steps})
+      rows += _step_rows('layout', config, variants, peak, many)
+    print(f'done layout L={seq_len}', flush=True)
   return rows
 
 
@@ -264,7 +334,7 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--steps', type=int, default=1, help='timed steps per round (step groups)')
   parser.add_argument('--rounds', type=int, default=3)
-  parser.add_argument('--seq-lens', default='32,128', help='attention group')
+  parser.add_argument('--seq-lens', default='32,128', help='attention and layout groups')
   parser.add_argument('--bf16-seq-lens', default='32', help='bf16 group')
   parser.add_argument('--loop-steps', type=int, default=20, help='prefetch/checkpoint loops')
   parser.add_argument('--groups', default=','.join(GROUPS))
@@ -289,6 +359,8 @@ def main(argv=None) -> dict:
     rows += threefry_rows(args, peak)
   if 'attention' in args.groups:
     rows += attention_rows(args, peak)
+  if 'layout' in args.groups:
+    rows += layout_rows(args, peak)
   if 'prefetch' in args.groups:
     rows += prefetch_rows(args)
   if 'checkpoint' in args.groups:

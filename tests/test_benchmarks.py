@@ -90,9 +90,9 @@ def test_speedups_smoke(tmp_path):
   # The groups that build their own loops; attention and bf16 reuse the Step class that
   # threefry exercises (and tests/test_fused_attention.py checks the fused path itself).
   argv = ['--scale=tiny', '--seq-lens=8', '--loop-steps=11', '--rounds=1']
-  speedups.main(argv + ['--groups=threefry,prefetch,checkpoint', '--out', str(out)])
+  speedups.main(argv + ['--groups=threefry,layout,prefetch,checkpoint', '--out', str(out)])
   rows = json.loads(out.read_text())['rows']
-  counts = {'threefry': 4, 'prefetch': 2, 'checkpoint': 2}
+  counts = {'threefry': 4, 'layout': 4, 'prefetch': 2, 'checkpoint': 2}
   assert [r['group'] for r in rows] == [g for g, n in counts.items() for _ in range(n)]
   for row in rows:
     assert row['median_ms'] > 0 and row['speedup'] > 0, row

@@ -134,11 +134,17 @@ class BertSelfAttention(nn.Module):
         q, k, v, bias=bias.astype(jnp.float32), implementation='xla'
       ).astype(self.dtype)
     else:
+      # Heads moved ahead of positions before the two batched matmuls, so each [len, head_dim]
+      # block is contiguous: the attention forward runs 3.2x faster at 128 tokens on CPU (a
+      # frozen teacher's distillation step 1.16x); the backward is unchanged (README,
+      # Performance, "Heads first in attention").
+      q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
       # Scores and softmax in float32 so bf16 runs keep masked keys at exactly 0.
-      scores = jnp.einsum('bqhd,bkhd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
+      scores = jnp.einsum('bhqd,bhkd->bhqk', q.astype(jnp.float32), k.astype(jnp.float32))
       probs = nn.softmax(scores / math.sqrt(head_dim) + bias, axis=-1)
       dropped = nn.Dropout(self.attention_dropout_rate)(probs, deterministic=deterministic)
-      context = jnp.einsum('bhqk,bkhd->bqhd', dropped.astype(self.dtype), v)
+      context = jnp.einsum('bhqk,bhkd->bhqd', dropped.astype(self.dtype), v)
+      context = context.transpose(0, 2, 1, 3)
     context = context.reshape(batch, seq_len, inner)
     return dense('output', self.hidden_size)(context), probs, projections
 
