@@ -117,3 +117,25 @@ def test_scan_layers_smoke(tmp_path):
     assert row['compile_s'] > 0 and row['median_ms'] > 0 and row['hlo_chars'] > 0, row
     assert row['peak_bytes'] > 0, row
   assert rows[0]['compile_speedup'] == rows[0]['step_time_ratio'] == 1.0
+
+
+# slow: trains a tiny teacher first, then times two epochs of 64 sentences.
+@pytest.mark.slow
+def test_teacher_cache_smoke(tmp_path, tfds_dir):
+  """benchmarks/teacher_cache.py on a tiny exported teacher: both epochs run, and the
+  figures it derives agree with the times it measured."""
+  from benchmarks import teacher_cache
+  from kdjax import train
+  from tests.test_pretrained_pipeline import _config, _tiny_checkpoint
+
+  config = _config(_tiny_checkpoint(tmp_path / 'ckpt'), tfds_dir, tmp_path / 'cache')
+  config.stages = ('teacher',)
+  train.run(config, tmp_path / 'teacher')
+  out = tmp_path / 'cache.json'
+  argv = ['--teacher', str(tmp_path / 'teacher'), '--examples=64', '--repeats=1']
+  result = teacher_cache.main(argv + ['--out', str(out)])
+  assert json.loads(out.read_text()) == result
+  assert result['examples'] == 64
+  live, cached = result['live_epoch_seconds'][0], result['cached_epoch_seconds'][0]
+  assert live > 0 and cached > 0 and result['cache_fill_seconds'] > 0
+  assert result['speedup'] == pytest.approx(live / cached)
