@@ -92,7 +92,7 @@ def _device_bytes(tree) -> int:
   return total
 
 
-def main():
+def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--devices', type=int, default=8)
   parser.add_argument('--batch', type=int, default=64)
@@ -103,7 +103,7 @@ def main():
   parser.add_argument('--teacher_width', type=int, default=256)
   parser.add_argument('--rows', default=','.join(ROWS))
   parser.add_argument('--out', default='')
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
 
   teacher = _bert(args.teacher_layers, args.teacher_width)
   student = _bert(max(args.teacher_layers // 4, 1), args.teacher_width // 2)
@@ -189,6 +189,7 @@ def main():
   if args.out:
     pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.out).write_text(json.dumps({'args': vars(args), 'rows': table}, indent=2))
+  return table
 
 
 if __name__ == '__main__':

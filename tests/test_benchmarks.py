@@ -139,3 +139,21 @@ def test_teacher_cache_smoke(tmp_path, tfds_dir):
   live, cached = result['live_epoch_seconds'][0], result['cached_epoch_seconds'][0]
   assert live > 0 and cached > 0 and result['cache_fill_seconds'] > 0
   assert result['speedup'] == pytest.approx(live / cached)
+
+
+# slow: compiles the step five times (one per parallel path) on the 8 simulated devices.
+@pytest.mark.slow
+def test_parallel_step_smoke():
+  """benchmarks/parallel_step.py at toy sizes: every path runs, and FSDP holds a fraction of
+  the state and teacher bytes that the replicated paths hold on each device."""
+  from benchmarks import parallel_step
+
+  argv = ['--batch=16', '--length=8', '--steps=1', '--rounds=1']
+  table = parallel_step.main(argv + ['--teacher_layers=2', '--teacher_width=64'])
+  assert list(table) == list(parallel_step.ROWS)
+  for row in table.values():
+    assert row['ms_per_step'] > 0 and row['compile_s'] > 0, row
+  for replicated in ('single', 'pmap', 'shard_map', 'mesh'):
+    assert table[replicated]['state_mb_per_device'] == table['single']['state_mb_per_device']
+  for key in ('state_mb_per_device', 'teacher_mb_per_device'):
+    assert table['mesh+fsdp'][key] < table['mesh'][key] / 4, key
