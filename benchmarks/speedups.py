@@ -209,7 +209,7 @@ def layout_rows(args, peak):
             lambda q, k, v: block(q, k, v, b), q, k, v
           )[1](g)
           variants[layout] = Kernel(fwd_bwd, (q, k, v, bias, grad), flops)
-      outputs = [jax.tree.leaves(v.fn(*v.args)) for v in variants.values()]
+      outputs = [jax.tree.leaves(kernel.fn(*kernel.args)) for kernel in variants.values()]
       gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*outputs))
       if gap > 1e-4:  # timing two blocks that disagree would compare nothing
         raise SystemExit(f'speedups.py layout: the two layouts differ by {gap:.2e} (> 1e-4)')
