@@ -97,10 +97,15 @@ class Step:
     jax.block_until_ready((self.state, metrics))
 
   def time_steps(self, steps: int):
-    for _ in range(steps):
-      start = time.perf_counter()
-      self.run(self.batch)
-      self.times.append(time.perf_counter() - start)
+    _time_calls(lambda: self.run(self.batch), steps, self.times)
+
+
+def _time_calls(call, steps: int, times: list) -> None:
+  """Appends the wall time of each of `steps` calls of `call` (which waits for its result)."""
+  for _ in range(steps):
+    start = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - start)
 
 
 def _alternate(variants: dict, rounds: int, timed) -> None:
@@ -174,17 +179,15 @@ def _attention_block(layout: str):
 
 
 class Kernel:
-  """A jitted function of fixed arguments, timed call by call like Step.time_steps."""
+  """A jitted function of fixed arguments, timed call by call like Step.time_steps; `output`
+  is the result of the first (compiling) call."""
 
   def __init__(self, fn, args, flops):
     self.fn, self.args, self.flops, self.times = jax.jit(fn), args, flops, []
-    jax.block_until_ready(self.fn(*args))  # compile
+    self.output = jax.block_until_ready(self.fn(*args))
 
   def time_steps(self, steps: int):
-    for _ in range(steps):
-      start = time.perf_counter()
-      jax.block_until_ready(self.fn(*self.args))
-      self.times.append(time.perf_counter() - start)
+    _time_calls(lambda: jax.block_until_ready(self.fn(*self.args)), steps, self.times)
 
 
 def layout_rows(args, peak):
@@ -209,7 +212,7 @@ def layout_rows(args, peak):
             lambda q, k, v: block(q, k, v, b), q, k, v
           )[1](g)
           variants[layout] = Kernel(fwd_bwd, (q, k, v, bias, grad), flops)
-      outputs = [jax.tree.leaves(kernel.fn(*kernel.args)) for kernel in variants.values()]
+      outputs = [jax.tree.leaves(kernel.output) for kernel in variants.values()]
       gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(*outputs))
       if gap > 1e-4:  # timing two blocks that disagree would compare nothing
         raise SystemExit(f'speedups.py layout: the two layouts differ by {gap:.2e} (> 1e-4)')
@@ -253,13 +256,7 @@ def bf16_rows(args, peak):
 def _loop_rows(group, config, timers, args):
   """timers: label -> fn() running one loop of args.loop_steps steps; rows of steps/s."""
   times = {label: [] for label in timers}
-
-  def timed(label, fn):
-    start = time.perf_counter()
-    fn()
-    times[label].append(time.perf_counter() - start)
-
-  _alternate(timers, args.rounds, timed)
+  _alternate(timers, args.rounds, lambda label, fn: _time_calls(fn, 1, times[label]))
   rows, first = [], None
   for label, seconds in times.items():
     median = statistics.median(seconds)
