@@ -126,6 +126,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.augment_mask_prob = 0.1
   c.distill.augment_replace_prob = 0.1
   c.distill.augment_ngram_prob = 0.25
+  # Where a replaced word comes from: 'unigram' (the training set's word frequencies) or
+  # 'neighbours' (one of its augment_neighbours nearest words in the first teacher's input
+  # embedding table, TinyBERT-style; needs data.tokenizer='wordpiece' and a BERT teacher).
+  c.distill.augment_replace = 'unigram'
+  c.distill.augment_neighbours = 15
   # Multi-teacher distillation: exports or run workdirs of more trained teachers (same rules
   # as teacher.path, same tokenizer), joining the configured teacher wherever it teaches:
   # the assistant stage, and distill unless an assistant runs before it (generations >= 2

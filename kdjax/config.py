@@ -252,6 +252,19 @@ def validate(config) -> None:
     dc.augment_replace_prob,
     f'augment_mask_prob + augment_replace_prob must be <= 1 (mask is {dc.augment_mask_prob})',
   )
+  _require(
+    dc.augment_replace in ('unigram', 'neighbours'),
+    'distill.augment_replace',
+    dc.augment_replace,
+    'one of unigram, neighbours',
+  )
+  _require(dc.augment_neighbours >= 1, 'distill.augment_neighbours', dc.augment_neighbours, '>= 1')
+  _require(
+    dc.augment_replace == 'unigram' or config.data.tokenizer == 'wordpiece',
+    'distill.augment_replace',
+    dc.augment_replace,
+    "'neighbours' looks words up in the teacher's vocabulary: needs data.tokenizer='wordpiece'",
+  )
   _validate_strategies(config, stages)
 
   t = config.train

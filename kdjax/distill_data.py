@@ -11,8 +11,10 @@ import time
 import jax
 import numpy as np
 
+from kdjax import config as config_lib
 from kdjax import teacher_cache
 from kdjax.data import augment, pipeline
+from kdjax.models import from_teacher
 
 # Augmented inputs have no gold label; the loss skips them in CE and accuracy.
 NO_LABEL = -1
@@ -23,9 +25,37 @@ def default_cache_root() -> pathlib.Path:
   return base / 'teacher_outputs'
 
 
-def transfer_set(config, train_text, train_ids, train_labels, tokenizer, stream=None):
+def replacement_neighbours(config, texts, tokenizer, teacher_params):
+  """The word -> nearest-words map that `distill.augment_replace='neighbours'` swaps from,
+  for the words of `texts`, taken from the teacher's input embedding table; None when the
+  transfer set draws replacements by unigram frequency or is not augmented."""
+  d = config.distill
+  if not d.augment_copies or d.augment_replace == 'unigram':
+    return None
+  # A BERT's params (a dict or FrozenDict) hold embeddings/word_embeddings at the top level.
+  if 'word_embeddings' not in teacher_params.get('embeddings', {}):
+    raise config_lib.ConfigError(
+      "config.distill.augment_replace='neighbours' needs a BERT teacher (params "
+      f"embeddings/word_embeddings); this teacher's top-level params are {sorted(teacher_params)}"
+    )
+  start = time.perf_counter()
+  table = np.asarray(from_teacher.teacher_word_table(teacher_params), np.float32)
+  words = [w for t in texts for w in t.split()]
+  neighbours = augment.embedding_neighbours(words, tokenizer.vocab(), table, d.augment_neighbours)
+  print(
+    f'distill: {d.augment_neighbours} embedding neighbours for {len(neighbours)} words '
+    f'({time.perf_counter() - start:.0f}s)',
+    flush=True,
+  )
+  return neighbours
+
+
+def transfer_set(
+  config, train_text, train_ids, train_labels, tokenizer, stream=None, neighbours=None
+):
   """(token ids, labels) of the gold examples followed by their augmented copies; a data
-  shard passes its id as `stream` so shards draw different augmentations."""
+  shard passes its id as `stream` so shards draw different augmentations. `neighbours`:
+  from `replacement_neighbours`."""
   d = config.distill
   if not d.augment_copies:
     return train_ids, train_labels
@@ -36,6 +66,7 @@ def transfer_set(config, train_text, train_ids, train_labels, tokenizer, stream=
     mask_prob=d.augment_mask_prob,
     replace_prob=d.augment_replace_prob,
     ngram_prob=d.augment_ngram_prob,
+    neighbours=neighbours,
   )
   extra_ids = pipeline.encode(extra, tokenizer, config.data.max_len)
   print(f'distill: {len(extra)} augmented sentences added to {len(train_ids)}', flush=True)

@@ -360,9 +360,17 @@ def run_stage(
     teacher_models = [t[0] for t in teachers]
     weights = strategies.teacher_weights(config, len(teachers))
     objectives = _objectives(config, steps, models[learner], teacher_models)
+    neighbours = distill_data.replacement_neighbours(
+      config, [t for *_, texts in parts for t in texts], data.tokenizer, teachers[0][1]
+    )
     # Each shard adds its own augmented copies (its own stream of the augmentation seed).
     parts = [
-      (shard, *distill_data.transfer_set(config, t, i, lab, data.tokenizer, stream=shard))
+      (
+        shard,
+        *distill_data.transfer_set(
+          config, t, i, lab, data.tokenizer, stream=shard, neighbours=neighbours
+        ),
+      )
       for shard, i, lab, t in parts
     ]
     batches = train_batches(config, data, parts)

@@ -81,6 +81,8 @@ def test_default_schema_validates():
     ('parallel.teacher', 'zero3', "config.parallel.teacher='zero3' is invalid"),
     ('parallel.distributed.initialize', 'yes', 'one of never, auto, always'),
     ('parallel.distributed.process_id', -2, '-1 (unset) or >= 0'),
+    ('distill.augment_replace', 'pos', "config.distill.augment_replace='pos' is invalid"),
+    ('distill.augment_replace', 'neighbours', "needs data.tokenizer='wordpiece'"),
   ],
 )
 def test_bad_values_are_named(key, value, fragment):

@@ -133,6 +133,13 @@ def test_pretrained_teacher_students_and_cache(tmp_path, tfds_dir, capsys):
   out = capsys.readouterr().out
   assert 'does not match the recorded' in out and 'recomputing the entry' in out
 
+  # Swaps from the teacher's embedding neighbours make other copies: another cache entry.
+  config2.distill.augment_replace = 'neighbours'
+  config2.distill.augment_neighbours = 3
+  fourth = train.run(config2, tmp_path / 'run4')
+  assert 'embedding neighbours for' in capsys.readouterr().out
+  assert fourth['stages']['distill']['teacher_cache']['entry'] != str(entry)
+
 
 def test_init_from_mismatches_fail_validation_with_one_line(tmp_path, tfds_dir):
   checkpoint = _tiny_checkpoint(tmp_path / 'ckpt')

@@ -1,6 +1,7 @@
 """Teacher-output cache: keys, integrity checks, top-k compression, and that a step fed
 cached logits equals a step that runs the teacher live. Transfer-set augmentation too."""
 
+import collections
 import json
 
 import jax
@@ -9,7 +10,8 @@ import pytest
 
 from configs import default
 from configs import models as presets
-from kdjax import optim, teacher_cache
+from kdjax import config as config_lib
+from kdjax import distill_data, optim, teacher_cache
 from kdjax import step as step_lib
 from kdjax.data import augment, pipeline
 from kdjax.kd import objective as kd_objective
@@ -204,3 +206,86 @@ def test_augment_is_deterministic_distinct_and_follows_the_rules():
     augment.augment(sentences, 1, 0, mask_prob=1.5)
   with pytest.raises(ValueError, match='exceeds 1'):
     augment.augment(sentences, 1, 0, mask_prob=0.6, replace_prob=0.6)
+
+
+def test_unigram_replacement_draws_the_stream_it_always_drew():
+  """Cached teacher outputs are keyed on the augmented token ids, so the default augmentation
+  must keep drawing the same copies; this is the draw loop as first written."""
+  sentences = ['a truly great movie with fine acting', 'dull', 'not bad at all , really'] * 4
+  rng = np.random.default_rng(3)
+  counts = collections.Counter(w for s in sentences for w in s.split())
+  vocab = sorted(counts)
+  freqs = np.asarray([counts[w] for w in vocab], np.float64) / sum(counts.values())
+  expected, seen = [], set(sentences)
+  for sentence in sentences:
+    words = sentence.split()
+    for _ in range(2):
+      draws = rng.random(len(words))
+      replacements = rng.choice(len(vocab), size=len(words), p=freqs)
+      new = [
+        augment.MASK_TOKEN if u < 0.2 else vocab[r] if u < 0.5 else w
+        for w, u, r in zip(words, draws, replacements)
+      ]
+      if rng.random() < 0.25 and len(new) > 1:
+        n = int(rng.integers(1, min(augment.MAX_NGRAM, len(new)) + 1))
+        start = int(rng.integers(0, len(new) - n + 1))
+        new = new[start : start + n]
+      if ' '.join(new) not in seen:
+        seen.add(' '.join(new))
+        expected.append(' '.join(new))
+  got = augment.augment(sentences, 2, 3, mask_prob=0.2, replace_prob=0.3, ngram_prob=0.25)
+  assert got == expected
+
+
+def _toy_vocab():
+  tokens = ['[PAD]', '[UNK]', '[MASK]', '[unused0]', 'good', 'great', 'fine', 'bad', 'awful']
+  tokens += ['movie', 'film', '##s', '##ly', ',', 'the']
+  return {t: i for i, t in enumerate(tokens)}
+
+
+def test_embedding_neighbours_match_a_brute_force_cosine_ranking():
+  vocab = _toy_vocab()
+  table = np.random.default_rng(0).normal(size=(len(vocab), 6))
+  words = 'the good movie , goodly films bad unknownword'.split()
+  got = augment.embedding_neighbours(words, vocab, table, k=3)
+  # Independent reference: full cosine matrix, candidates = whole-word non-special tokens.
+  unit = table / np.linalg.norm(table, axis=1, keepdims=True)
+  whole = [t for t in vocab if not t.startswith('##') and not t.startswith('[')]
+  expected = {}
+  for w in sorted({w for w in words if w in whole}):
+    others = [t for t in whole if t != w]
+    sims = [float(unit[vocab[w]] @ unit[vocab[t]]) for t in others]
+    expected[w] = tuple(others[i] for i in np.argsort(sims)[::-1][:3])
+  assert got == expected
+  # Neither pieces nor out-of-vocabulary words are queries; no special is ever a candidate.
+  assert set(got) == {'the', 'good', 'movie', ',', 'bad'}
+  assert not {c for cands in got.values() for c in cands} & {'[PAD]', '[MASK]', '##s', '##ly'}
+  with pytest.raises(ValueError, match='does not hold a row for each of the 15'):
+    augment.embedding_neighbours(words, vocab, table[:10], k=3)
+
+
+def test_neighbour_replacement_swaps_only_for_a_listed_neighbour():
+  neighbours = {'good': ('great', 'fine'), 'movie': ('film',)}
+  sentences = ['a good movie', 'good good good good', 'plain words']
+  out = augment.augment(
+    sentences, 4, 0, mask_prob=0.0, replace_prob=1.0, ngram_prob=0.0, neighbours=neighbours
+  )
+  # Every word is replaced: by one of its neighbours, or kept when it has none. So the
+  # neighbour-less 'plain words' has no distinct copy, 'a good movie' has two ('a great
+  # film', 'a fine film'), and the copies of 'good good good good' use both neighbours.
+  source = {len(s.split()): s for s in sentences}
+  for copy in out:
+    for w, new in zip(source[len(copy.split())].split(), copy.split()):
+      assert new in neighbours.get(w, (w,))
+  assert sorted(c for c in out if len(c.split()) == 3) == ['a fine film', 'a great film']
+  assert not [c for c in out if len(c.split()) == 2]
+  assert {w for c in out if len(c.split()) == 4 for w in c.split()} == {'great', 'fine'}
+
+
+def test_neighbour_replacement_needs_a_bert_teacher():
+  config = default.get_config()
+  config.distill.augment_copies = 1
+  assert distill_data.replacement_neighbours(config, ['a b'], None, {}) is None  # unigram
+  config.distill.augment_replace = 'neighbours'
+  with pytest.raises(config_lib.ConfigError, match=r"needs a BERT teacher .* are \['dense_0'\]"):
+    distill_data.replacement_neighbours(config, ['a b'], None, {'dense_0': {}})

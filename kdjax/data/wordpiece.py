@@ -76,6 +76,10 @@ class WordPieceTokenizer:
   def __len__(self) -> int:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
+  def vocab(self) -> dict[str, int]:
+    """{token: id}, word pieces ('##ing') and specials ([PAD], [unused0]) included."""
+    return self._tok.get_vocab(with_added_tokens=True)
+
   def __eq__(self, other) -> bool:
     return isinstance(other, WordPieceTokenizer) and self.fingerprint == other.fingerprint
 

@@ -36,7 +36,8 @@ def ffn_neuron_scores(intermediate_kernel: np.ndarray, output_kernel: np.ndarray
   return np.linalg.norm(intermediate_kernel, axis=0) * np.linalg.norm(output_kernel, axis=1)
 
 
-def _teacher_table(teacher: dict) -> np.ndarray:
+def teacher_word_table(teacher: dict) -> np.ndarray:
+  """A BERT's [vocab, hidden] input word embeddings, multiplied out if factorised."""
   words = teacher['embeddings']['word_embeddings']['embedding']
   if 'word_projection' in teacher['embeddings']:  # a factorised teacher: multiply it out
     words = words @ teacher['embeddings']['word_projection']['kernel']
@@ -86,11 +87,11 @@ def bert_from_teacher(
   embeddings.pop('word_projection', None)
   if 'word_projection' in s_emb:
     rank = s_emb['word_embeddings']['embedding'].shape[1]
-    table, projection = emb_compress.svd_factorise(_teacher_table(teacher), rank)
+    table, projection = emb_compress.svd_factorise(teacher_word_table(teacher), rank)
     embeddings['word_embeddings'] = {'embedding': table}
     embeddings['word_projection'] = {'kernel': projection}
   else:
-    embeddings['word_embeddings'] = {'embedding': _teacher_table(teacher)}
+    embeddings['word_embeddings'] = {'embedding': teacher_word_table(teacher)}
   positions = s_emb['position_embeddings']['embedding'].shape[0]
   embeddings['position_embeddings'] = {
     'embedding': t_emb['position_embeddings']['embedding'][:positions]
@@ -101,7 +102,7 @@ def bert_from_teacher(
 
 def embedding_from_teacher(teacher: dict, student: dict) -> tuple[dict, dict]:
   """A BiLSTM/CNN student with its `embedding` table started from a PCA of the teacher's."""
-  table = _teacher_table(teacher)
+  table = teacher_word_table(teacher)
   target = student['embedding']['embedding']
   if target.shape[0] != table.shape[0]:
     raise ValueError(
