@@ -38,10 +38,8 @@ def _validate_model(config, role: str) -> None:
 
   spec = config[role]
   kwargs = spec.kwargs.to_dict()
-  # Modules take numbers as they come; a NaN/inf width or rate would only fail mid-run.
+  # NaN and infinity were refused by validate's sweep over every float.
   for name, value in kwargs.items():
-    if isinstance(value, float):
-      _require(math.isfinite(value), f'{role}.kwargs.{name}', value, 'must be finite')
     if name.endswith('dropout_rate'):
       rate_ok = isinstance(value, (int, float)) and 0 <= value < 1
       _require(rate_ok, f'{role}.kwargs.{name}', value, 'must be in [0, 1)')
@@ -128,7 +126,21 @@ def _validate_optimizer(cfg: Mapping, key: str) -> None:
   )
 
 
+def _float_leaves(node, prefix: str = ''):
+  """(dotted path, value) of every float in a ConfigDict tree."""
+  for key, value in node.items():
+    path = f'{prefix}{key}'
+    if isinstance(value, Mapping) or hasattr(value, 'items'):
+      yield from _float_leaves(value, f'{path}.')
+    elif isinstance(value, float):
+      yield path, value
+
+
 def validate(config) -> None:
+  # No setting means anything at NaN or infinity, and most comparisons (w >= 0, T > 0) let
+  # infinity through, so one sweep refuses them all before the per-key rules run.
+  for path, value in _float_leaves(config):
+    _require(math.isfinite(value), path, value, 'must be a finite number')
   stages = tuple(config.stages)
   _require(
     len(stages) > 0 and all(s in STAGES for s in stages),

@@ -67,6 +67,8 @@ def test_default_schema_validates():
   [
     ('loss.temperature', 0.0, 'config.loss.temperature=0.0 is invalid: must be > 0'),
     ('loss.weights.kl', -1.0, 'config.loss.weights.kl=-1.0 is invalid: a number >= 0'),
+    ('loss.weights.jsd', float('inf'), 'config.loss.weights.jsd=inf is invalid: must be a finite'),
+    ('loss.dkd_beta', float('nan'), 'config.loss.dkd_beta=nan is invalid: must be a finite'),
     ('data.buckets', (16, 8, 64), 'config.data.buckets=(16, 8, 64) is invalid'),
     ('data.eval_split', 'test', 'test has no labels'),
     ('train.checkpoint_every', 7, 'must be a multiple of train.log_every=50'),
