@@ -136,11 +136,16 @@ def _float_leaves(node, prefix: str = ''):
       yield path, value
 
 
-def validate(config) -> None:
-  # No setting means anything at NaN or infinity, and most comparisons (w >= 0, T > 0) let
-  # infinity through, so one sweep refuses them all before the per-key rules run.
+def require_finite(config) -> None:
+  """Refuses NaN and infinity in every float setting of `config`. No setting means anything
+  at either, and most range checks (w >= 0, T > 0) let infinity through, so each job's
+  validation runs this sweep before its per-key rules."""
   for path, value in _float_leaves(config):
     _require(math.isfinite(value), path, value, 'must be a finite number')
+
+
+def validate(config) -> None:
+  require_finite(config)
   stages = tuple(config.stages)
   _require(
     len(stages) > 0 and all(s in STAGES for s in stages),

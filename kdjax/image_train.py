@@ -54,6 +54,7 @@ PAPER_ERRORS = {
 
 def validate(config) -> None:
   req = config_lib._require
+  config_lib.require_finite(config)
   stages = tuple(config.stages)
   req(
     len(stages) > 0 and all(s in STAGES for s in stages) and len(set(stages)) == len(stages),

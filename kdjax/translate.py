@@ -59,6 +59,7 @@ def role_of(stage: str) -> str:
 def validate(config) -> None:
   """Every bad value is reported in one line before any data is read or anything compiles."""
   _require = config_lib._require
+  config_lib.require_finite(config)
   stages = tuple(config.stages)
   _require(
     bool(stages) and set(stages) <= set(schema.STAGES) and len(set(stages)) == len(stages),

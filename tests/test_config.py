@@ -175,6 +175,23 @@ def test_a_workdir_resumes_on_another_parallel_layout(tmp_path):
     train._check_config(config, tmp_path)
 
 
+@pytest.mark.parametrize(
+  'experiment, validate, key',
+  [
+    ('sst2_quickstart', config_lib.validate, 'loss.temperature'),
+    ('hinton_mnist', image_train.validate, 'student_train.optim.learning_rate'),
+    ('multi30k', translate.validate, 'train.label_smoothing'),
+  ],
+)
+@pytest.mark.parametrize('value', [float('inf'), float('-inf'), float('nan')])
+def test_every_job_refuses_nan_and_infinity_in_a_float_setting(experiment, validate, key, value):
+  config = importlib.import_module(f'experiments.{experiment}').get_config('')
+  config = apply_overrides(config, {key: value})
+  with pytest.raises(config_lib.ConfigError) as e:
+    validate(config)
+  assert str(e.value) == f'config.{key}={value!r} is invalid: must be a finite number'
+
+
 @pytest.mark.parametrize('value', [float('inf'), float('nan'), 1.0, -0.1])
 def test_model_rates_and_numbers_must_be_finite_and_in_range(value):
   config = default.get_config()
