@@ -126,22 +126,13 @@ def _validate_optimizer(cfg: Mapping, key: str) -> None:
   )
 
 
-def _float_leaves(node, prefix: str = ''):
-  """(dotted path, value) of every float in a ConfigDict tree."""
-  for key, value in node.items():
-    path = f'{prefix}{key}'
-    if isinstance(value, Mapping) or hasattr(value, 'items'):
-      yield from _float_leaves(value, f'{path}.')
-    elif isinstance(value, float):
-      yield path, value
-
-
 def require_finite(config) -> None:
   """Refuses NaN and infinity in every float setting of `config`. No setting means anything
   at either, and most range checks (w >= 0, T > 0) let infinity through, so each job's
   validation runs this sweep before its per-key rules."""
-  for path, value in _float_leaves(config):
-    _require(math.isfinite(value), path, value, 'must be a finite number')
+  for path, value in report.flatten(config.to_dict()).items():
+    if isinstance(value, float):
+      _require(math.isfinite(value), path, value, 'must be a finite number')
 
 
 def validate(config) -> None:
