@@ -65,8 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.recover_optim.warmup_steps = 20
 
   # Distillation objective (kdjax/kd): a weighted sum of terms; weight 0 turns a term off.
-  # Weights are not renormalised. Terms that read hidden states or attention (hidden_mse and
-  # below) need the teacher live: distill.teacher_cache='off'.
+  # Weights are not renormalised. Terms that read hidden states or attention (hidden_mse to
+  # minilmv2) need the teacher live: distill.teacher_cache='off'. The pooled-vector terms (crd,
+  # pooled_mse) also work from the teacher-output cache, which then stores the pooled vectors.
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 2.0
   c.loss.weights = ml_collections.ConfigDict(
@@ -86,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
       'minilm': 0.0,  # MiniLM: last-layer attention + value-relation KL
       'minilmv2': 0.0,  # MiniLMv2: query/key/value relation KL, minilm_relation_heads
       'crd': 0.0,  # contrastive representation distillation on pooled vectors
+      'pooled_mse': 0.0,  # FitNets hint on the pooled sentence vectors (projected)
     }
   )
   # Any weight, and the temperature, may follow a schedule from its configured value:

@@ -229,13 +229,27 @@ def validate(config) -> None:
   )
   if objective.needs_teacher_features(config.loss):
     _require(
-      ('distill' in stages or 'assistant' in stages)
-      and 'online' not in stages
-      and config.distill.teacher_cache == 'off',
+      ('distill' in stages or 'assistant' in stages) and 'online' not in stages,
       'loss.weights',
       {k: v for k, v in config.loss.weights.items() if v},
-      "hidden-state, attention, relation and CRD terms need the teacher's features: only in "
-      "the distill or assistant stage (not online), with distill.teacher_cache='off'",
+      "hidden-state, attention, relation, CRD and pooled terms need the teacher's features: "
+      'only in the distill or assistant stage (not online)',
+    )
+  if objective.needs_live_teacher(config.loss):
+    _require(
+      config.distill.teacher_cache == 'off',
+      'loss.weights',
+      {k: v for k, v in config.loss.weights.items() if v},
+      'hidden-state, attention and relation terms need the teacher live: '
+      "distill.teacher_cache='off' (the cache stores logits and pooled vectors only)",
+    )
+  if objective.needs_teacher_pooled(config.loss) and config.distill.teacher_cache != 'off':
+    _require(
+      not tuple(config.distill.extra_teachers),
+      'distill.extra_teachers',
+      tuple(config.distill.extra_teachers),
+      "the pooled terms read one teacher's cached pooled vectors: leave it () or set "
+      "distill.teacher_cache='off'",
     )
 
   _validate_prune(config.prune)

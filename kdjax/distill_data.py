@@ -14,6 +14,7 @@ import numpy as np
 from kdjax import config as config_lib
 from kdjax import teacher_cache
 from kdjax.data import augment, pipeline
+from kdjax.kd import objective as kd_objective
 from kdjax.models import from_teacher
 
 # Augmented inputs have no gold label; the loss skips them in CE and accuracy.
@@ -74,12 +75,16 @@ def transfer_set(
   return list(train_ids) + list(extra_ids), labels
 
 
-def cached_teacher_logits(config, ids, tokenizer, teacher_dir, teacher_model, teacher_params):
-  """(logits [N, C] for every example of `ids`, cache info), or (None, info) when off."""
+def cached_teacher_outputs(config, ids, tokenizer, teacher_dir, teacher_model, teacher_params):
+  """({'logits': [N, C], and 'pooled': [N, D] when a pooled term needs it} for every example
+  of `ids`, cache info), or (None, info) when the cache is off."""
   d = config.distill
   if d.teacher_cache == 'off':
     return None, {'mode': 'off'}
+  pooled = kd_objective.needs_teacher_pooled(config.loss)
   spec = {'kind': d.teacher_cache, 'k': d.cache_topk if d.teacher_cache == 'topk' else None}
+  if pooled:  # only then, so the keys of logits-only entries stay what they were
+    spec['pooled'] = True
   key = teacher_cache.cache_key(
     teacher_cache.directory_fingerprint(teacher_dir),
     teacher_cache.ids_fingerprint(ids),
@@ -89,6 +94,8 @@ def cached_teacher_logits(config, ids, tokenizer, teacher_dir, teacher_model, te
   cache = teacher_cache.TeacherCache(d.cache_dir or default_cache_root())
   try:
     arrays = cache.load(key)
+    if arrays is not None and pooled and 'pooled' not in arrays:
+      raise teacher_cache.CacheError(f'{cache.entry(key)}: no pooled vectors in the entry')
   except teacher_cache.CacheError as e:
     print(f'teacher cache: {e}; recomputing the entry', flush=True)
     arrays = None
@@ -112,12 +119,15 @@ def cached_teacher_logits(config, ids, tokenizer, teacher_dir, teacher_model, te
       lambda b: jax.device_get(logits_fn(teacher_params, b)),
       _with_progress(batches.one_epoch(), batches.batches_per_epoch, start),
       len(ids),
-      False,
+      pooled,
     )
     arrays = (
       outputs
       if d.teacher_cache == 'logits'
-      else teacher_cache.compress_topk(outputs['logits'], d.cache_topk)
+      else {
+        **teacher_cache.compress_topk(outputs['logits'], d.cache_topk),
+        **({'pooled': outputs['pooled']} if pooled else {}),
+      }
     )
     cache.store(key, arrays, {'examples': len(ids), 'spec': spec})
     info['compute_seconds'] = time.perf_counter() - start
@@ -127,12 +137,13 @@ def cached_teacher_logits(config, ids, tokenizer, teacher_dir, teacher_model, te
     )
   else:
     print(f'teacher cache: reusing {info["entry"]}', flush=True)
+  result = {'pooled': arrays['pooled']} if pooled else {}
   if d.teacher_cache == 'logits':
-    return arrays['logits'], info
+    return {'logits': arrays['logits'], **result}, info
   dense = teacher_cache.expand_topk(
     arrays['topk_values'], arrays['topk_indices'], arrays['lse_rest'], teacher_model.num_classes
   )
-  return dense, info
+  return {'logits': dense, **result}, info
 
 
 def _with_progress(batches, total: int, start: float):

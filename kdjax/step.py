@@ -97,7 +97,8 @@ def distill_loss_fn(
   """Student trained against a frozen teacher run in inference mode (no dropout).
 
   With `teacher=None` the teacher's logits come precomputed in `batch['teacher_logits']`
-  (the teacher-output cache) and the teacher never runs. When the objective has learned
+  (the teacher-output cache), with its pooled vectors in `batch['teacher_pooled']` when a
+  pooled term reads them, and the teacher never runs. When the objective has learned
   heads (projections, CRD), params = {'student': ..., 'kd_heads': ...}.
   """
   with_heads = bool(objective.head_shapes)
@@ -112,7 +113,8 @@ def distill_loss_fn(
       )
     )
     if teacher is None:
-      teacher_out = (batch['teacher_logits'], {})
+      cached = {'pooled': batch['teacher_pooled']} if 'teacher_pooled' in batch else {}
+      teacher_out = (batch['teacher_logits'], cached)
     else:
       teacher_out = _apply(teacher, teacher_params, batch, None, train=False)
     # stop_gradient makes the freeze explicit in the graph, not only in the optimizer.

@@ -379,17 +379,20 @@ def run_stage(
     for t_model, t_params, _, t_dir in teachers:
       # Each process caches the teacher's outputs on the rows of its own shards (one cache
       # entry per set of rows), all processes at once.
-      t_logits, info = distill_data.cached_teacher_logits(
+      outputs, info = distill_data.cached_teacher_outputs(
         config, ids, data.tokenizer, t_dir, t_model, t_params
       )
-      cached.append(t_logits)
+      cached.append(outputs)
       cache_infos.append(info)
     if cached[0] is None:  # the teachers run inside every step
       teacher_params = teachers[0][1] if len(teachers) == 1 else tuple(t[1] for t in teachers)
     else:
       # One teacher: [N, C] rows, as before; several: stacked [N, K, C].
-      rows = cached[0] if len(teachers) == 1 else np.stack(cached, axis=1)
+      logits = [c['logits'] for c in cached]
+      rows = logits[0] if len(teachers) == 1 else np.stack(logits, axis=1)
       batches = pipeline.WithRowData(batches, 'teacher_logits', rows)
+      if 'pooled' in cached[0]:  # validate() allows pooled terms from the cache for one teacher
+        batches = pipeline.WithRowData(batches, 'teacher_pooled', cached[0]['pooled'])
       teacher_models = None
     if len(teachers) == 1:
       teacher = None if teacher_models is None else teacher_models[0]

@@ -67,11 +67,13 @@ ALL = {name: 1.0 for name in objective.TERMS if name != 'minilm'}
 
 def test_every_term_composes_into_one_differentiable_loss():
   obj = _build(_loss_cfg(**ALL))
-  # Uniform 2 -> 4 layers; widths 32 vs 48 need projections for hidden terms; CRD heads.
+  # Uniform 2 -> 4 layers; widths 32 vs 48 need projections for the hidden terms and the
+  # pooled hint; CRD heads.
   assert obj.layer_pairs == ((1, 2), (2, 4))
   assert dict(obj.head_shapes) == {
     'hidden_1_to_2': (32, 48),
     'hidden_2_to_4': (32, 48),
+    'pooled_projection': (32, 48),
     'crd_student': (32, 128),
     'crd_teacher': (48, 128),
   }
@@ -124,6 +126,39 @@ def test_objective_equals_the_weighted_library_terms():
     + 2.0 * hidden
   )
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+
+
+def test_pooled_mse_is_the_projected_hint_on_sentence_vectors():
+  """pooled_mse against numpy: mean over the batch's real examples (augmented ones included,
+  padding not) of the per-dimension squared gap between the projected student vector and
+  the teacher's."""
+  obj = _build(_loss_cfg(pooled_mse=1.0))
+  assert dict(obj.head_shapes) == {'pooled_projection': (32, 48)}
+  s_params, t_params = _params()
+  heads = obj.init_heads(jax.random.PRNGKey(3))
+  batch = _batch()
+  loss, metrics = _run(obj, s_params, t_params, heads, batch)
+  inputs = (batch['input_ids'], batch['attention_mask'])
+  s_pooled = np.asarray(STUDENT.apply({'params': s_params}, *inputs)[1]['pooled'], np.float64)
+  t_pooled = np.asarray(TEACHER.apply({'params': t_params}, *inputs)[1]['pooled'], np.float64)
+  head = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), heads['pooled_projection'])
+  per_example = ((s_pooled @ head['kernel'] + head['bias'] - t_pooled) ** 2).mean(axis=1)
+  w = np.asarray(batch['weights'], np.float64)
+  expected = (per_example * w).sum() / w.sum()
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(losses.mean(metrics['pooled_mse'])), expected, rtol=1e-5)
+
+
+def test_pooled_mse_needs_no_projection_at_equal_widths():
+  obj = objective.build(
+    _loss_cfg(pooled_mse=1.0), 10, registry.output_shapes(TEACHER), registry.output_shapes(TEACHER)
+  )
+  assert dict(obj.head_shapes) == {}
+  t_params = registry.init_params(TEACHER, jax.random.PRNGKey(2))
+  batch = _batch()
+  same = TEACHER.apply({'params': t_params}, batch['input_ids'], batch['attention_mask'])
+  loss, _ = obj(jnp.asarray(0), same, same, batch, {})
+  assert float(loss) == 0.0
 
 
 def test_padding_never_reaches_the_loss():

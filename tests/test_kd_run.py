@@ -1,8 +1,10 @@
 """The method library through a whole run: feature, relation and contrastive terms with
-learned projections, scheduled weights, checkpoints, resume and the exported student."""
+learned projections, scheduled weights, checkpoints, resume and the exported student, and the
+pooled terms read from the teacher-output cache."""
 
 import json
 
+import numpy as np
 import pytest
 
 from configs import models
@@ -74,3 +76,29 @@ def test_model_mismatch_is_a_config_error_before_training(tfds_dir, tmp_path):
   with pytest.raises(config_lib.ConfigError, match='use loss.weights.minilmv2'):
     train.run(config, tmp_path)
   assert not (tmp_path / 'teacher').exists()  # refused before the teacher stage ran
+
+
+def test_pooled_terms_train_from_the_cache_as_with_the_teacher_live(
+  feature_run, tfds_dir, tmp_path
+):
+  """pooled_mse and CRD read only the teacher's pooled vectors, which the teacher-output cache
+  stores: distilling from the cache logs the same losses as running the teacher live."""
+  teacher_workdir, _ = feature_run
+  logged = {}
+  for mode in ('off', 'logits'):
+    config = _config(tfds_dir, dkd=0.0, hidden_mse=0.0, attention_kl=0.0, minilmv2=0.0)
+    config.loss.weights.pooled_mse = 1.0
+    config.teacher.path = str(teacher_workdir)
+    config.stages = ('distill',)
+    config.distill.teacher_cache = mode
+    config.distill.cache_dir = str(tmp_path / 'cache')
+    results = train.run(config, tmp_path / mode)
+    lines = (tmp_path / mode / 'metrics.jsonl').read_text().splitlines()
+    logged[mode] = [r for r in map(json.loads, lines) if r['stage'] == 'distill' and 'loss' in r]
+  entry = results['stages']['distill']['teacher_cache']['entry']
+  pooled = np.load(f'{entry}/pooled.npy')
+  assert pooled.shape == (1000, 64) and np.abs(pooled).max() > 0  # the 64-wide teacher
+  assert [r['step'] for r in logged['logits']] == [r['step'] for r in logged['off']] == [5, 10]
+  for cached, live in zip(logged['logits'], logged['off']):
+    for name in ('loss', 'pooled_mse', 'crd', 'kl_T'):
+      assert cached[name] == pytest.approx(live[name], rel=1e-4), name

@@ -233,6 +233,10 @@ def fake_export(tmp_path):
     ),
     ({'loss.weights.logit_mse': 1.0}, 'loss.weights.logit_mse cannot use a mixture'),
     ({'distill.extra_teachers': ('/nonexistent',)}, 'config.distill.extra_teachers[0]'),
+    (
+      {'loss.weights.pooled_mse': 1.0, 'distill.multi_teacher': 'sum_losses'},
+      "is invalid: the pooled terms read one teacher's cached pooled vectors",
+    ),
   ],
 )
 def test_bad_strategy_values_are_named(overrides, fragment, fake_export):

@@ -9,7 +9,8 @@ KL at T and at T = 1, top-1 agreement and the scheduled values, so runs can be c
 the same scale.
 
 Layer-wise terms (hidden_mse, hidden_cosine, pkd, attention_*) are summed over the pairs
-of `loss.layer_map`, as TinyBERT and Patient-KD sum over layers.
+of `loss.layer_map`, as TinyBERT and Patient-KD sum over layers. The pooled terms (pooled_mse,
+crd) read one sentence vector per model, which the teacher-output cache can store.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kdjax.kd import crd, features, heads, output, relations, schedules
 
 # Terms that only need logits (they work with a teacher-output cache).
 LOGIT_TERMS = ('ce', 'kl', 'reverse_kl', 'jsd', 'soft_ce', 'logit_mse', 'dkd')
-# Terms that need the teacher's hidden states or attention: the teacher runs live.
+# Terms that need the teacher's features beyond its logits.
 FEATURE_TERMS = (
   'hidden_mse',
   'hidden_cosine',
@@ -35,7 +36,11 @@ FEATURE_TERMS = (
   'minilm',
   'minilmv2',
   'crd',
+  'pooled_mse',
 )
+# Feature terms that read only the teacher's pooled sentence vector (out['pooled']): the
+# teacher-output cache can store it, so these work with the teacher run once, not live.
+POOLED_TERMS = ('crd', 'pooled_mse')
 TERMS = LOGIT_TERMS + FEATURE_TERMS
 LAYER_MAPS = ('uniform', 'last_k', 'explicit')
 
@@ -46,6 +51,8 @@ def metric_name(term: str) -> str:
 
 
 CRD_NEGATIVES = ('in_batch',)
+# The learned head that maps the student's pooled vector to the teacher's width (pooled_mse).
+POOLED_PROJECTION = 'pooled_projection'
 Shapes = Mapping[str, tuple[int, ...]]
 
 
@@ -64,6 +71,16 @@ def active_terms(loss_cfg) -> tuple[str, ...]:
 
 def needs_teacher_features(loss_cfg) -> bool:
   return any(name in FEATURE_TERMS for name in active_terms(loss_cfg))
+
+
+def needs_teacher_pooled(loss_cfg) -> bool:
+  """Whether a term reads the teacher's pooled vector (the cache must then store it)."""
+  return any(name in POOLED_TERMS for name in active_terms(loss_cfg))
+
+
+def needs_live_teacher(loss_cfg) -> bool:
+  """Whether a term reads teacher features that the teacher-output cache cannot hold."""
+  return any(name in FEATURE_TERMS and name not in POOLED_TERMS for name in active_terms(loss_cfg))
 
 
 def validate(loss_cfg, fail) -> None:
@@ -272,6 +289,11 @@ class Objective:
       for kind, metric in parts.items():
         m[f'minilmv2_{kind}'] = metric
       term['minilmv2'] = m['minilmv2'] = _sum(list(parts.values()))
+    if 'pooled_mse' in active:
+      s_pooled = s_out['pooled']
+      if POOLED_PROJECTION in self.head_shapes:
+        s_pooled = heads.linear(head_params[POOLED_PROJECTION], s_pooled)
+      term['pooled_mse'] = m['pooled_mse'] = features.hidden_mse(s_pooled, t_out['pooled'], weights)
     if 'crd' in active:
       s_emb = heads.l2_normalize(heads.linear(head_params['crd_student'], s_out['pooled']))
       t_emb = heads.l2_normalize(heads.linear(head_params['crd_teacher'], t_out['pooled']))
@@ -370,6 +392,15 @@ def build(loss_cfg, total_steps: int, student_shapes: Shapes, teacher_shapes: Sh
             f'config.loss.minilm_relation_heads={minilm_heads} does not divide the {side} '
             f'width {width}'
           )
+  for name in sorted(set(POOLED_TERMS) & set(terms)):
+    for side, shapes in (('student', student_shapes), ('teacher', teacher_shapes)):
+      if 'pooled' not in shapes:
+        raise ObjectiveError(
+          f'config.loss.weights.{name} compares pooled sentence vectors, but the {side} model '
+          "returns none (out['pooled']: bert, bilstm, cnn and mlp do); set the weight to 0"
+        )
+  if 'pooled_mse' in terms and student_shapes['pooled'][-1] != teacher_shapes['pooled'][-1]:
+    head_shapes[POOLED_PROJECTION] = (student_shapes['pooled'][-1], teacher_shapes['pooled'][-1])
   if 'crd' in terms:
     head_shapes['crd_student'] = (student_shapes['pooled'][-1], cfg['crd_dim'])
     head_shapes['crd_teacher'] = (teacher_shapes['pooled'][-1], cfg['crd_dim'])
@@ -393,8 +424,8 @@ def logits_only(loss_cfg, total_steps: int) -> Objective:
   feature = [t for t in terms if t in FEATURE_TERMS]
   if feature:
     raise ObjectiveError(
-      f"loss.weights.{feature[0]} needs the models' hidden states; it is only available in "
-      "the distill stage with distill.teacher_cache='off'"
+      f"loss.weights.{feature[0]} needs the models' features; only the distill stage has "
+      "them (hidden states and attention with distill.teacher_cache='off')"
     )
   return Objective(cfg=cfg, terms=terms, total_steps=total_steps)
 
