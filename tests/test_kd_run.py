@@ -82,10 +82,11 @@ def test_pooled_terms_train_from_the_cache_as_with_the_teacher_live(
   feature_run, tfds_dir, tmp_path
 ):
   """pooled_mse and CRD read only the teacher's pooled vectors, which the teacher-output cache
-  stores: distilling from the cache logs the same losses as running the teacher live."""
+  stores: distilling from the cache logs the same losses as running the teacher live. (With
+  2 classes the top-1 entry plus the log-sum-exp of the rest restores the logits exactly.)"""
   teacher_workdir, _ = feature_run
-  logged = {}
-  for mode in ('off', 'logits'):
+  logged, entries = {}, {}
+  for mode in ('off', 'logits', 'topk'):
     config = _config(tfds_dir, dkd=0.0, hidden_mse=0.0, attention_kl=0.0, minilmv2=0.0)
     config.loss.weights.pooled_mse = 1.0
     config.teacher.path = str(teacher_workdir)
@@ -93,12 +94,14 @@ def test_pooled_terms_train_from_the_cache_as_with_the_teacher_live(
     config.distill.teacher_cache = mode
     config.distill.cache_dir = str(tmp_path / 'cache')
     results = train.run(config, tmp_path / mode)
+    entries[mode] = results['stages']['distill']['teacher_cache'].get('entry')
     lines = (tmp_path / mode / 'metrics.jsonl').read_text().splitlines()
     logged[mode] = [r for r in map(json.loads, lines) if r['stage'] == 'distill' and 'loss' in r]
-  entry = results['stages']['distill']['teacher_cache']['entry']
-  pooled = np.load(f'{entry}/pooled.npy')
-  assert pooled.shape == (1000, 64) and np.abs(pooled).max() > 0  # the 64-wide teacher
-  assert [r['step'] for r in logged['logits']] == [r['step'] for r in logged['off']] == [5, 10]
-  for cached, live in zip(logged['logits'], logged['off']):
-    for name in ('loss', 'pooled_mse', 'crd', 'kl_T'):
-      assert cached[name] == pytest.approx(live[name], rel=1e-4), name
+  assert entries['off'] is None and entries['logits'] != entries['topk']
+  for mode in ('logits', 'topk'):
+    pooled = np.load(f'{entries[mode]}/pooled.npy')
+    assert pooled.shape == (1000, 64) and np.abs(pooled).max() > 0  # the 64-wide teacher
+    assert [r['step'] for r in logged[mode]] == [r['step'] for r in logged['off']] == [5, 10]
+    for cached, live in zip(logged[mode], logged['off']):
+      for name in ('loss', 'pooled_mse', 'crd', 'kl_T'):
+        assert cached[name] == pytest.approx(live[name], rel=1e-4), (mode, name)
