@@ -227,11 +227,12 @@ def validate(config) -> None:
     config.loss.online_teacher_kd_weight,
     'must be >= 0',
   )
+  weights_on = {k: v for k, v in config.loss.weights.items() if v}
   if objective.needs_teacher_features(config.loss):
     _require(
       ('distill' in stages or 'assistant' in stages) and 'online' not in stages,
       'loss.weights',
-      {k: v for k, v in config.loss.weights.items() if v},
+      weights_on,
       "hidden-state, attention, relation, CRD and pooled terms need the teacher's features: "
       'only in the distill or assistant stage (not online)',
     )
@@ -239,7 +240,7 @@ def validate(config) -> None:
     _require(
       config.distill.teacher_cache == 'off',
       'loss.weights',
-      {k: v for k, v in config.loss.weights.items() if v},
+      weights_on,
       'hidden-state, attention and relation terms need the teacher live: '
       "distill.teacher_cache='off' (the cache stores logits and pooled vectors only)",
     )

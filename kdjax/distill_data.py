@@ -102,7 +102,7 @@ def cached_teacher_outputs(config, ids, tokenizer, teacher_dir, teacher_model, t
   info = {'mode': d.teacher_cache, 'entry': str(cache.entry(key)), 'hit': arrays is not None}
   if arrays is None:
     start = time.perf_counter()
-    logits_fn = jax.jit(
+    teacher_fn = jax.jit(
       lambda p, b: teacher_model.apply({'params': p}, b['input_ids'], b['attention_mask'])
     )
     batches = pipeline.BatchIterator(
@@ -116,19 +116,14 @@ def cached_teacher_outputs(config, ids, tokenizer, teacher_dir, teacher_model, t
       sort_by_length=True,
     )
     outputs = teacher_cache.compute_outputs(
-      lambda b: jax.device_get(logits_fn(teacher_params, b)),
+      lambda b: jax.device_get(teacher_fn(teacher_params, b)),
       _with_progress(batches.one_epoch(), batches.batches_per_epoch, start),
       len(ids),
       pooled,
     )
-    arrays = (
-      outputs
-      if d.teacher_cache == 'logits'
-      else {
-        **teacher_cache.compress_topk(outputs['logits'], d.cache_topk),
-        **({'pooled': outputs['pooled']} if pooled else {}),
-      }
-    )
+    arrays = dict(outputs)
+    if d.teacher_cache == 'topk':  # the logits are stored as their top k + the rest's lse
+      arrays.update(teacher_cache.compress_topk(arrays.pop('logits'), d.cache_topk))
     cache.store(key, arrays, {'examples': len(ids), 'spec': spec})
     info['compute_seconds'] = time.perf_counter() - start
     print(
@@ -137,13 +132,14 @@ def cached_teacher_outputs(config, ids, tokenizer, teacher_dir, teacher_model, t
     )
   else:
     print(f'teacher cache: reusing {info["entry"]}', flush=True)
-  result = {'pooled': arrays['pooled']} if pooled else {}
-  if d.teacher_cache == 'logits':
-    return {'logits': arrays['logits'], **result}, info
-  dense = teacher_cache.expand_topk(
-    arrays['topk_values'], arrays['topk_indices'], arrays['lse_rest'], teacher_model.num_classes
+  logits = (
+    arrays['logits']
+    if d.teacher_cache == 'logits'
+    else teacher_cache.expand_topk(
+      arrays['topk_values'], arrays['topk_indices'], arrays['lse_rest'], teacher_model.num_classes
+    )
   )
-  return {'logits': dense, **result}, info
+  return {'logits': logits, **({'pooled': arrays['pooled']} if pooled else {})}, info
 
 
 def _with_progress(batches, total: int, start: float):
